@@ -30,7 +30,7 @@ build_one() {
     rm -f "$rootfs/var/lib/dbus/machine-id"
     rm -rf "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/lib/apt/lists/*
     tar -C "$rootfs" -c . | docker import \
-        -c 'CMD ["/lib/systemd/systemd"]' -c 'STOPSIGNAL SIGRTMIN+3' \
+        -c 'CMD ["/lib/systemd/systemd"]' \
         -c "LABEL ${GPULAB_LABEL}" -c "LABEL io.gpulab.base=debian-${version}" \
         - "$image" >/dev/null
     log "built $image ($(docker image inspect -f '{{.Size}}' "$image" | awk '{printf "%.0f MB", $1/1e6}'))"
