@@ -4,7 +4,7 @@
 GPULAB_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 export GPULAB_ROOT
 # Every Docker object the harness makes carries this label, so `make clean` finds them.
-GPULAB_LABEL="io.gpulab.harness=1"
+export GPULAB_LABEL="io.gpulab.harness=1"
 GPULAB_BASE_IMAGE_PREFIX="${GPULAB_BASE_IMAGE_PREFIX:-gpulab-test/debian}"
 GPULAB_DL_IMAGE="${GPULAB_DL_IMAGE:-gpulab-test/dl-notebook:latest}"
 GPULAB_CACHE="${GPULAB_CACHE:-${GPULAB_ROOT}/.cache}"
@@ -48,8 +48,7 @@ ensure_docker_engine() {
         log "starting dockerd (log: /var/log/gpulab-dockerd.log)"
         setsid dockerd >/var/log/gpulab-dockerd.log 2>&1 < /dev/null &
     fi
-    local i
-    for i in $(seq 1 60); do
+    for _ in $(seq 1 60); do
         docker_answers && return 0
         sleep 1
     done
