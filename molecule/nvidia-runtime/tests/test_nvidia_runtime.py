@@ -76,7 +76,8 @@ def hostname(host):
 def nvidia_play(hostname, tmp_path_factory):
     """Run playbooks/nvidia.yml against the instance (in group gpu_servers) with extra vars; returns a Run."""
     groups = tmp_path_factory.mktemp("inventory") / "gpu_servers.yml"
-    groups.write_text(json.dumps({"gpu_servers": {"hosts": {hostname: {}}}}))
+    # The instance in group gpu_servers; the play says become: true, but ansible connects as root here (no sudo).
+    groups.write_text(json.dumps({"gpu_servers": {"hosts": {hostname: {"ansible_become": False}}}}))
     playbook_bin = shutil.which("ansible-playbook", path=str(Path(sys.executable).parent)) or "ansible-playbook"
     env = dict(os.environ, ANSIBLE_NOCOLOR="1", ANSIBLE_FORCE_COLOR="0", ANSIBLE_CALLBACK_RESULT_FORMAT="json")
 
