@@ -55,6 +55,22 @@ ensure_docker_engine() {
     die "dockerd did not answer within 60 s; see /var/log/gpulab-dockerd.log"
 }
 
+# Command-line tools the harness uses on this machine (zstd: the archive tests compress docker save archives).
+ensure_host_tools() {
+    local missing=() tool
+    for tool in "$@"; do
+        command -v "$tool" >/dev/null 2>&1 || missing+=("$tool")
+    done
+    [ ${#missing[@]} -eq 0 ] && return 0
+    if [ "$(id -u)" = 0 ] && grep -qi '^ID=debian' /etc/os-release; then
+        log "installing ${missing[*]}"
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+    else
+        die "missing on this machine: ${missing[*]}; install them and try again"
+    fi
+}
+
 # A Python virtual environment with the pinned requirements, reused while requirements.txt is unchanged.
 ensure_venv() {
     local venv="${GPULAB_VENV:-${GPULAB_ROOT}/.venv}"

@@ -1,0 +1,98 @@
+"""Checks of role deepo with deepo_image_source: pull on a Debian 12 lab server without a GPU, after converge.
+
+prepare started Debian's docker-registry on the instance's 127.0.0.1:5000, pushed
+127.0.0.1:5000/gpulab-test/deepo:all-py38-cpu and 127.0.0.1:5000/gpulab-test/mirrored:1 (their IDs are in
+/var/tmp/gpulab-deepo-pull/<name>.id) and removed them locally. converge pulled the first by its registry name (tag
+auto: the CPU tag) and gpulab-test/mirrored:1 by its Docker Hub name, which only the mirror
+(deepo_registry_mirrors: [http://127.0.0.1:5000]) can serve here.
+"""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PROJECT_DIR = Path(os.environ.get("MOLECULE_PROJECT_DIRECTORY", Path(__file__).resolve().parents[3]))
+BUILD = "/var/tmp/gpulab-deepo-pull"
+MAIN = "127.0.0.1:5000/gpulab-test/deepo:all-py38-cpu"
+
+
+class Run:
+    def __init__(self, proc, hostname):
+        self.rc = proc.returncode
+        self.raw = proc.stdout + proc.stderr
+        recap = re.search(
+            rf"{re.escape(hostname)}\s*:\s*ok=(\d+)\s+changed=(\d+)\s+unreachable=(\d+)\s+failed=(\d+)", self.raw
+        )
+        assert recap, self.raw[-3000:]
+        self.ok, self.changed, self.unreachable, self.failed = (int(n) for n in recap.groups())
+
+
+@pytest.fixture(scope="module")
+def deepo_play(host, tmp_path_factory):
+    hostname = host.backend.host
+    groups = tmp_path_factory.mktemp("inventory") / "gpu_servers.yml"
+    groups.write_text(json.dumps({"gpu_servers": {"hosts": {hostname: {"ansible_become": False}}}}))
+    playbook_bin = shutil.which("ansible-playbook", path=str(Path(sys.executable).parent)) or "ansible-playbook"
+    env = dict(os.environ, ANSIBLE_NOCOLOR="1", ANSIBLE_FORCE_COLOR="0")
+
+    def run(extra_vars):
+        command = [playbook_bin, "-i", os.environ["MOLECULE_INVENTORY_FILE"], "-i", str(groups)]
+        command += ["-e", json.dumps(extra_vars), str(PROJECT_DIR / "playbooks" / "deepo.yml")]
+        proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300, check=False)
+        return Run(proc, hostname)
+
+    return run
+
+
+def image_id(host, name):
+    result = host.run(f"docker image inspect --format '{{{{.Id}}}}' {name}")
+    return result.stdout.strip() if result.rc == 0 else None
+
+
+def test_pulled_from_the_local_registry(host):
+    assert image_id(host, MAIN) == host.file(f"{BUILD}/deepo.id").content_string.strip()
+
+
+def test_pulled_through_the_mirror(host):
+    """gpulab-test/mirrored:1 is a Docker Hub name; Docker Hub is unreachable, so it came through the mirror."""
+    assert image_id(host, "gpulab-test/mirrored:1") == host.file(f"{BUILD}/mirrored.id").content_string.strip()
+
+
+def test_daemon_json_holds_the_mirror_and_keeps_the_other_keys(host):
+    data = json.loads(host.file("/etc/docker/daemon.json").content_string)
+    assert data["registry-mirrors"] == ["http://127.0.0.1:5000"]
+    assert data["max-concurrent-downloads"] == 7  # the admin's keys, put there before gpulab ran
+    assert data["labels"] == ["gpulab-test=admin-key"]
+    assert data["log-opts"] == {"labels": "gpulab"}
+
+
+def test_docker_runs_with_the_mirror(host):
+    mirrors = json.loads(host.check_output("docker info --format '{{json .RegistryConfig.Mirrors}}'"))
+    assert mirrors == ["http://127.0.0.1:5000/"]
+
+
+def test_pull_policy_missing_keeps_and_always_pulls_a_moved_tag(host, deepo_play):
+    old = image_id(host, MAIN)
+    # The tag moves in the registry: a new image under the same name.
+    host.check_output(
+        f"printf 'FROM {MAIN}\\nLABEL io.gpulab.test.moved=1\\n' | docker build -q -t {MAIN} - && docker push {MAIN}"
+    )
+    new = image_id(host, MAIN)
+    host.check_output(f"docker tag {old} {MAIN}")  # the server still has the old image under the name
+    assert new != old
+
+    missing = deepo_play({})
+    assert missing.rc == 0, missing.raw[-3000:]
+    assert missing.changed == 0
+    assert image_id(host, MAIN) == old
+
+    always = deepo_play({"deepo_pull_policy": "always"})
+    assert always.rc == 0, always.raw[-3000:]
+    assert always.changed > 0
+    assert image_id(host, MAIN) == new
