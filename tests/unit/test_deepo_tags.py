@@ -51,7 +51,7 @@ def test_real_h200_cuda_13_gets_the_newest_tag():
     assert facts["cuda_version"] == "13.0"
     assert deepo_tags.pick_tag(TABLE, facts) == "all-py38-cu113"
     assert deepo_tags.pick_tag(TABLE, facts, "pytorch") == "pytorch-py38-cu113"
-    assert deepo_tags.pick_tag(TABLE, facts, "all", jupyter=True) == "all-jupyter-py38-cu113"
+    assert deepo_tags.pick_tag(TABLE, facts, "all", jupyter=True) == "all-jupyter-py36-cu100"
 
 
 def test_real_v100_driver_470_cuda_11_4():
@@ -77,7 +77,7 @@ def test_older_drivers_get_the_newest_tag_they_can_run(cuda, framework, expected
 
 def test_no_gpu_gets_the_cpu_tag():
     assert deepo_tags.pick_tag(TABLE, NO_GPU) == "all-py38-cpu"
-    assert deepo_tags.pick_tag(TABLE, NO_GPU, "all", jupyter=True) == "all-py38-jupyter-cpu"
+    assert deepo_tags.pick_tag(TABLE, NO_GPU, "all", jupyter=True) == "all-py36-jupyter-cpu"
     assert deepo_tags.pick_tag(TABLE, None, "pytorch") == "pytorch-py38-cpu"
 
 
