@@ -12,7 +12,8 @@ GPULAB_CACHE="${GPULAB_CACHE:-${GPULAB_ROOT}/.cache}"
 log() { printf '\033[1;34m[gpulab]\033[0m %s\n' "$*" >&2; }
 die() { printf '\033[1;31m[gpulab] error:\033[0m %s\n' "$*" >&2; exit 1; }
 
-# The Debian mirror this machine's apt already uses (debootstrap and images use the same one).
+# The Debian mirror this machine's apt already uses (debootstrap and images use the same one);
+# GPULAB_DEBIAN_MIRROR overrides it.
 debian_mirror() {
     local uri=""
     if compgen -G '/etc/apt/sources.list.d/*.sources' >/dev/null; then
@@ -21,7 +22,9 @@ debian_mirror() {
     if [ -z "$uri" ] && [ -f /etc/apt/sources.list ]; then
         uri="$(awk '$1 == "deb" && $2 ~ /\/debian\/?$/ {print $2; exit}' /etc/apt/sources.list)"
     fi
-    echo "${uri:-http://deb.debian.org/debian}"
+    uri="${GPULAB_DEBIAN_MIRROR:-$uri}"
+    [ -n "$uri" ] || die "no Debian mirror found in this machine's apt sources: set GPULAB_DEBIAN_MIRROR to one"
+    echo "$uri"
 }
 
 docker_answers() { docker info >/dev/null 2>&1; }
