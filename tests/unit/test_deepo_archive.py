@@ -17,33 +17,14 @@ import uuid
 
 import docker_image_archive as dia
 import pytest
-from ansible.module_utils import basic
 from ansible.module_utils.testing import patch_module_args
+from module_harness import ModuleExit, ModuleFail
 
 SOCKET = "/var/run/docker.sock"
 
 
-class ModuleExit(BaseException):
-    def __init__(self, result):
-        super().__init__(result)
-        self.result = result
-
-
-class ModuleFail(ModuleExit):
-    pass
-
-
-@pytest.fixture(autouse=True)
-def capture_exit(monkeypatch):
-    def exit_json(self, **kwargs):
-        kwargs.setdefault("changed", False)
-        raise ModuleExit(kwargs)
-
-    def fail_json(self, msg, **kwargs):
-        raise ModuleFail({**kwargs, "failed": True, "msg": msg})
-
-    monkeypatch.setattr(basic.AnsibleModule, "exit_json", exit_json)
-    monkeypatch.setattr(basic.AnsibleModule, "fail_json", fail_json)
+# Every test here may run main(): exit_json/fail_json raise ModuleExit/ModuleFail (tests/unit/conftest.py).
+pytestmark = pytest.mark.usefixtures("capture_exit")
 
 
 def run(args, check_mode=False):

@@ -7,37 +7,14 @@ import stat
 import docker_daemon_config as ddc
 import pytest
 import yaml
-from ansible.module_utils import basic
 from ansible.module_utils.testing import patch_module_args
+from module_harness import ModuleExit, ModuleFail
 
 OLD_MTIME_NS = 1_500_000_000 * 10**9
 
 
-class ModuleExit(BaseException):
-    """Raised instead of exit_json/fail_json. Not an Exception, so the module's catch-all does not swallow it."""
-
-    def __init__(self, result):
-        super().__init__(result)
-        self.result = result
-
-
-class ModuleFail(ModuleExit):
-    pass
-
-
-@pytest.fixture(autouse=True)
-def capture_exit(monkeypatch):
-    def exit_json(self, **kwargs):
-        kwargs.setdefault("changed", False)
-        raise ModuleExit(kwargs)
-
-    def fail_json(self, msg, **kwargs):
-        kwargs["failed"] = True
-        kwargs["msg"] = msg
-        raise ModuleFail(kwargs)
-
-    monkeypatch.setattr(basic.AnsibleModule, "exit_json", exit_json)
-    monkeypatch.setattr(basic.AnsibleModule, "fail_json", fail_json)
+# Every test here may run main(): exit_json/fail_json raise ModuleExit/ModuleFail (tests/unit/conftest.py).
+pytestmark = pytest.mark.usefixtures("capture_exit")
 
 
 def run(args, check_mode=False, diff=False):
