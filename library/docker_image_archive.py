@@ -135,17 +135,15 @@ seconds:
 
 import gzip
 import hashlib
-import http.client
 import json
 import os
 import shutil
-import socket
 import subprocess
 import tarfile
 import time
 import traceback
-from urllib.parse import quote
 
+from ansible.module_utils import gpulab_docker_api as api
 from ansible.module_utils.basic import AnsibleModule
 
 CHUNK = 1024 * 1024
@@ -364,109 +362,46 @@ def inspect_archive(path, fmt, progress=None):
     return ("oci" if oci else "legacy"), ids, tags, tar_bytes
 
 
-# ---- the Docker engine API over its Unix socket -------------------------------------------------------------------
-
-
-class _UnixConnection(http.client.HTTPConnection):
-    def __init__(self, socket_path, timeout):
-        super().__init__("localhost", timeout=timeout)
-        self.socket_path = socket_path
-
-    def connect(self):
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
-        sock.connect(self.socket_path)
-        self.sock = sock
+# ---- the Docker engine (module_utils/gpulab_docker_api.py) -------------------------------------------------------
 
 
 def socket_path(docker_host):
-    if not docker_host.startswith("unix://"):
-        raise ArchiveError(f"docker_host {docker_host} is not a unix:// socket; only local sockets are supported.")
-    return docker_host[len("unix://") :]
+    try:
+        return api.socket_path(docker_host)
+    except api.DockerApiError as e:
+        raise ArchiveError(str(e)) from e
 
 
 def engine_has_image(sock, image_id, timeout=60):
-    conn = _UnixConnection(sock, timeout)
     try:
-        conn.request("GET", "/images/" + quote(image_id, safe="") + "/json")
-        resp = conn.getresponse()
-        resp.read()
-    except OSError as e:
-        raise ArchiveError(f"the Docker engine at {sock} does not answer: {e}") from e
-    finally:
-        conn.close()
-    if resp.status == 200:
-        return True
-    if resp.status == 404:
-        return False
-    raise ArchiveError(f"the Docker engine answered {resp.status} {resp.reason} when asked for image {image_id}")
+        return api.Engine("unix://" + sock, timeout).has_image(image_id)
+    except api.DockerApiError as e:
+        raise ArchiveError(str(e)) from e
 
 
 def load_stream(sock, stream, timeout=None, progress=None):
-    """POST the plain tar to /images/load in chunks; return the engine's messages. Raise ArchiveError on error."""
-    conn = _UnixConnection(sock, timeout)
-    sent = 0
+    """Stream the plain tar into /images/load in chunks; return the engine's messages. Raise ArchiveError on error."""
+
+    def sent(n, finished):
+        if progress:  # once every byte is sent, the engine unpacks the layers until it answers
+            progress("unpacking" if finished else "load", n, force=finished)
+
     try:
-        conn.putrequest("POST", "/images/load?quiet=1")
-        conn.putheader("Content-Type", "application/x-tar")
-        conn.putheader("Transfer-Encoding", "chunked")
-        conn.endheaders()
-        for block in iter(lambda: stream.read(CHUNK), b""):
-            conn.send(b"%x\r\n%s\r\n" % (len(block), block))
-            sent += len(block)
-            if progress:
-                progress("load", sent)
-        conn.send(b"0\r\n\r\n")
-        if progress:
-            progress("unpacking", sent, force=True)  # every byte is sent; the engine now unpacks the layers
-        resp = conn.getresponse()
-        body = resp.read().decode(errors="replace")
-    except OSError as e:
-        raise ArchiveError(f"the Docker engine at {sock} broke off the load after {sent} bytes: {e}") from e
-    finally:
-        conn.close()
-    messages, errors = [], []
-    for raw in body.splitlines():
-        line = raw.strip()
-        if not line:
-            continue
-        try:
-            msg = json.loads(line)
-        except ValueError:
-            messages.append(line)
-            continue
-        if msg.get("error") or msg.get("errorDetail"):
-            errors.append(msg.get("error") or msg["errorDetail"].get("message", str(msg)))
-        elif msg.get("stream"):
-            messages.append(msg["stream"].strip())
-    if resp.status != 200 or errors:
-        raise ArchiveError(f"the Docker engine refused the archive ({resp.status}): {'; '.join(errors) or body[:500]}")
-    return messages, sent
+        messages, count = api.Engine("unix://" + sock, timeout).load(stream, sent)
+    except api.DockerApiError as e:
+        raise ArchiveError(str(e)) from e
+    return messages, count
 
 
 class Progress:
     """Writes {phase, bytes_done, bytes_total, seconds} to a file, at most once a second."""
 
     def __init__(self, path, total):
-        self.path = path
+        self.file = api.ProgressFile(path)
         self.total = total
-        self.started = time.monotonic()
-        self.last = 0.0
 
     def __call__(self, phase, done, force=False):
-        if not self.path:
-            return
-        now = time.monotonic()
-        if not force and now - self.last < 1.0:
-            return
-        self.last = now
-        tmp = self.path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(
-                {"phase": phase, "bytes_done": done, "bytes_total": self.total, "seconds": round(now - self.started)},
-                f,
-            )
-        os.replace(tmp, self.path)
+        self.file.write(phase, force=force, bytes_done=done, bytes_total=self.total)
 
 
 class Cache:
@@ -569,8 +504,7 @@ def run_module(module):
         stream.close()
     result["seconds"] = round(time.monotonic() - started, 1)
     progress("done", tar_bytes, force=True)
-    if p["progress_file"] and os.path.exists(p["progress_file"]):
-        os.remove(p["progress_file"])
+    progress.file.remove()
     result["messages"] = messages
     still = [i for i in missing if not engine_has_image(sock, i)]
     if still:

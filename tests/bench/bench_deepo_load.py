@@ -30,6 +30,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 MODULE = ROOT / "library" / "docker_image_archive.py"
+# Runs a module file as Ansible would on the server, with gpulab's module_utils importable as ansible.module_utils.*.
+RUN_MODULE = (
+    "import runpy, sys, ansible.module_utils as m; m.__path__.append(sys.argv[1]); "
+    "sys.argv = sys.argv[2:]; runpy.run_path(sys.argv[0], run_name='__main__')"
+)
 BRIDGE = "gpulab-bench0"  # the benchmark engine's own bridge interface
 BRIDGE_ADDR = "198.18.213.1/24"  # from 198.18.0.0/15, the range reserved for benchmarks (RFC 2544)
 
@@ -131,7 +136,8 @@ def module_load(engine, archive, workdir):
             }
         )
     )
-    seconds, out = timed(f"module {archive.name}", [sys.executable, str(MODULE), str(args)], progress)
+    argv = [sys.executable, "-c", RUN_MODULE, str(ROOT / "module_utils"), str(MODULE), str(args)]
+    seconds, out = timed(f"module {archive.name}", argv, progress)
     result = json.loads(out[out.index("{") :])
     assert result.get("changed") is True, result
     return seconds, result

@@ -3,6 +3,7 @@
 import sys
 from pathlib import Path
 
+import ansible.module_utils
 import pytest
 from ansible.module_utils import basic
 
@@ -11,6 +12,9 @@ for sub in ("library", "module_utils"):
     path = str(ROOT / sub)
     if path not in sys.path:
         sys.path.insert(0, path)
+# gpulab's module_utils, importable as ansible.module_utils.<name> as Ansible ships them to the server.
+if str(ROOT / "module_utils") not in ansible.module_utils.__path__:
+    ansible.module_utils.__path__.append(str(ROOT / "module_utils"))
 
 
 # Imported after the path set-up above.
