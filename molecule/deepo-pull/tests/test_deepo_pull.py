@@ -96,3 +96,23 @@ def test_pull_policy_missing_keeps_and_always_pulls_a_moved_tag(host, deepo_play
     assert always.rc == 0, always.raw[-3000:]
     assert always.changed > 0
     assert image_id(host, MAIN) == new
+
+
+def test_a_pull_reports_layers_and_bytes(host, deepo_play):
+    """A 48 MiB layer comes down from the registry; the run says how many layers and MiB it downloaded."""
+    name = "127.0.0.1:5000/gpulab-test/big:1"
+    host.check_output(
+        "set -e; d=$(mktemp -d); head -c 50331648 /dev/urandom > $d/blob; "
+        f"printf 'FROM {MAIN}\\nCOPY blob /blob\\n' > $d/Dockerfile; docker build -q -t {name} $d >/dev/null; "
+        f"docker push -q {name} >/dev/null; docker rmi {name} >/dev/null; rm -r $d"
+    )
+    repository, tag = name.rsplit(":", 1)
+    run = deepo_play({"deepo_image_repository": repository, "deepo_image_tag": tag, "deepo_progress_interval": 1})
+    assert run.rc == 0, run.raw[-3000:]
+    text = " ".join(run.raw.replace("\\n", " ").split())
+    report = re.search(r"Downloaded newer image for \S+: (\d+) of (\d+) layers downloaded \(([\d.]+) MiB\)", text)
+    assert report, run.raw[-3000:]
+    downloaded, total, mib = int(report[1]), int(report[2]), float(report[3])
+    assert downloaded == 1 and total >= 2  # the new layer came down; the base image's layers were there
+    assert 20 < mib < 49  # the compressed size of 48 MiB of random data: about as large as the data itself
+    assert image_id(host, name) is not None
