@@ -12,7 +12,9 @@ Between loads the image is removed from the benchmark engine. At the end the eng
 
 Rows: plain `docker load -i x.tar`; the module on x.tar (its time includes the full check pass it makes before it
 loads); the module on x.tar.zst (what Docker 20.10 cannot load itself; compression time not counted).
-Usage: tests/bench/bench_deepo_load.py [--image NAME] [--workdir DIR] [--keep] (as root, with the venv's python).
+The rounds alternate the three ways; the best time of each is compared.
+Usage: tests/bench/bench_deepo_load.py [--image NAME] [--workdir DIR] [--rounds N] [--keep] (as root, with the venv's
+python).
 """
 
 from __future__ import annotations
@@ -148,6 +150,7 @@ def main():
     parser.add_argument("--image", default="gpulab-test/dl-notebook:latest")
     parser.add_argument("--workdir", type=Path, default=Path("/var/tmp/gpulab-bench-deepo"))
     parser.add_argument("--keep", action="store_true", help="keep the workdir (archives) afterwards")
+    parser.add_argument("--rounds", type=int, default=2, help="rounds of the three loads (best time of each counts)")
     opts = parser.parse_args()
     workdir = opts.workdir
     workdir.mkdir(parents=True, exist_ok=True)
@@ -161,23 +164,32 @@ def main():
 
     engine = Engine(workdir)
     engine.start()
+    times = {"plain": [], "tar": [], "zst": []}
     try:
-        plain, _ = timed("docker load -i", engine.cli("load", "-i", str(tar)))
-        print(f"  docker load -i dl.tar          {plain:7.1f} s", flush=True)
-        engine.remove_all()
-        via_module, result = module_load(engine, tar, workdir)
+        # Rounds alternate the three ways, so that a busy moment of the machine does not fall on one way only; the
+        # best time of each way over the rounds is compared.
+        for rnd in range(1, opts.rounds + 1):
+            plain, _ = timed("docker load -i", engine.cli("load", "-i", str(tar)))
+            times["plain"].append(plain)
+            print(f"  round {rnd}: docker load -i dl.tar   {plain:7.1f} s", flush=True)
+            engine.remove_all()
+            for key, archive in (("tar", tar), ("zst", zst)):
+                seconds, result = module_load(engine, archive, workdir)
+                times[key].append(seconds)
+                print(
+                    f"  round {rnd}: module, {archive.name:14} {seconds:7.1f} s (load part {result['seconds']} s)",
+                    flush=True,
+                )
+                engine.remove_all()
+        best = {k: min(v) for k, v in times.items()}
         print(
-            f"  module, dl.tar                 {via_module:7.1f} s (load part {result['seconds']} s)",
-            flush=True,
+            f"best of {opts.rounds}: docker load -i {best['plain']:.1f} s, module .tar {best['tar']:.1f} s, "
+            f"module .tar.zst {best['zst']:.1f} s"
         )
-        engine.remove_all()
-        via_zst, result = module_load(engine, zst, workdir)
         print(
-            f"  module, dl.tar.zst             {via_zst:7.1f} s (load part {result['seconds']} s)",
-            flush=True,
+            f"ratio module/docker load -i: {best['tar'] / best['plain']:.2f} (tar), "
+            f"{best['zst'] / best['plain']:.2f} (tar.zst)"
         )
-        print(f"ratio module/docker load -i: {via_module / plain:.2f} (tar), {via_zst / plain:.2f} (tar.zst)")
-        engine.remove_all()
     finally:
         engine.stop()
         if not opts.keep:
