@@ -12,10 +12,12 @@ Why gpulab writes its own module instead of using community.docker.docker_image_
 - It talks to the engine's socket with no read timeout (the Docker SDK's default of 60 s is a known trap for
   multi-GB loads) and writes its progress (bytes done, total, elapsed) to a file, so a role that runs it with
   `async` can show progress while a long load goes on.
-- It verifies an optional SHA-256 checksum and reads the whole archive once before loading anything: the file type
-  (by its magic bytes, so a .rar or a corrupt file is refused), the tar structure (a truncated file is refused) and
-  the image IDs from the manifest, in both layouts `docker save` writes (the legacy manifest.json + <id>.json of
-  Docker before 25, and the OCI image layout, index.json + oci-layout + blobs/sha256, of Docker 25 and later).
+- It verifies an optional SHA-256 checksum and checks the archive before loading anything: the file type (by its
+  magic bytes, so a .rar or a corrupt file is refused), the tar structure (a truncated file, or one without a layer
+  its manifest names, is refused; a compressed archive is decompressed once for this, a plain tar's headers are read
+  seeking over the layers, as a plain tar has no checksum of its contents to check) and the image IDs from the
+  manifest, in both layouts `docker save` writes (the legacy manifest.json + <id>.json of Docker before 25, and the
+  OCI image layout, index.json + oci-layout + blobs/sha256, of Docker 25 and later).
   When every image ID of the archive is already in the engine, nothing is loaded (idempotence).
 The module needs only Python's standard library on the server (3.8 or newer).
 """
@@ -30,11 +32,12 @@ version_added: "0.1.0"
 description:
   - Checks a C(docker save) archive on the server, then streams it into the Docker engine unless every image it
     holds is already there.
-  - The check reads the whole file once before anything is loaded. It verifies O(sha256) when given, the file type
-    from its magic bytes (plain tar, gzip or zstd; anything else, for example a RAR archive, is an error), the tar
-    structure (a truncated or corrupt file is an error) and reads the image IDs from the manifest. Both layouts of
-    C(docker save) are read, the legacy one (manifest.json and <id>.json) and the OCI image layout (index.json,
-    oci-layout and blobs/sha256) that Docker 25 and later write.
+  - The check runs before anything is loaded. It verifies O(sha256) when given, the file type from its magic bytes
+    (plain tar, gzip or zstd; anything else, for example a RAR archive, is an error), the tar structure (a truncated
+    or corrupt file, or one without a file its manifest names, is an error; compressed archives are decompressed once
+    for it, a plain tar's headers are read seeking over the layers' data) and reads the image IDs from the manifest.
+    Both layouts of C(docker save) are read, the legacy one (manifest.json and <id>.json) and the OCI image layout
+    (index.json, oci-layout and blobs/sha256) that Docker 25 and later write.
   - .tar.zst is decompressed with the C(zstd) program (package zstd) and .tar.gz with Python's
     gzip module; the plain tar is sent to the engine's C(/images/load) endpoint in chunks with no read timeout, so
     a multi-GB image is neither held in memory nor cut off after 60 seconds.
@@ -295,9 +298,8 @@ def _image_ids_from_oci(index, blobs):
 
 def _read_member(tar, member, name, path):
     """The member's bytes when it is a small JSON file worth keeping, else None; reads it through either way."""
-    keep = name in ("manifest.json", "index.json") or (name.startswith("blobs/sha256/") and member.size <= SMALL_JSON)
     handle = tar.extractfile(member)
-    if keep:
+    if _keep(name, member):
         data = handle.read()
         if len(data) != member.size:
             raise ArchiveError(f"{path} is truncated (inside {name})")
@@ -312,8 +314,47 @@ def _read_member(tar, member, name, path):
     return None
 
 
+def _keep(name, member):
+    return name in ("manifest.json", "index.json") or (name.startswith("blobs/sha256/") and member.size <= SMALL_JSON)
+
+
+def _scan_plain_tar(path, progress=None):
+    """A plain tar on disk: read only its headers and small JSON files, seeking over the layers' data.
+
+    A plain tar has no checksum of its contents, so reading the layers through would find nothing that the headers do
+    not show: a member that ends past the end of the file, or a missing end-of-archive marker, is a truncated file.
+    """
+    size = os.path.getsize(path)
+    files, names = {}, set()
+    end = 0
+    try:
+        with open(path, "rb") as f:
+            with tarfile.open(fileobj=f, mode="r:") as tar:
+                for member in tar:  # tarfile seeks over each member's data in this mode
+                    name = member.name[2:] if member.name.startswith("./") else member.name
+                    names.add(name)
+                    length = member.size if member.isfile() else 0
+                    if member.offset_data + length > size:
+                        raise ArchiveError(f"{path} is truncated (inside {name})")
+                    end = max(end, member.offset_data + -(-length // 512) * 512)
+                    if member.isfile() and _keep(name, member):
+                        files[name] = tar.extractfile(member).read()
+                    if progress:
+                        progress("check", member.offset_data + length)
+            f.seek(end)
+            if f.read(1024) != b"\0" * 1024:
+                raise ArchiveError(f"{path} is truncated (it lacks the end-of-archive blocks after {name})")
+    except ArchiveError:
+        raise
+    except (tarfile.TarError, EOFError, OSError, ValueError) as e:
+        raise ArchiveError(f"{path} is corrupt or truncated (tar): {e}") from e
+    return files, names, size
+
+
 def scan_archive(path, fmt, progress=None):
-    """Read the whole archive once; return its small JSON files {name: bytes}, its member names and tar size."""
+    """Read the archive once; return its small JSON files {name: bytes}, its member names and tar size."""
+    if fmt == "tar":
+        return _scan_plain_tar(path, progress)
     stream = open_tar_stream(path, fmt)
     counter = _Counter(stream, progress)
     files, names = {}, set()
@@ -359,7 +400,27 @@ def inspect_archive(path, fmt, progress=None):
         )
     if not ids:
         raise ArchiveError(f"{path} holds no image (its manifest is empty).")
+    missing = sorted(set(_named_files(manifest, index, blobs)) - names)
+    if missing:
+        raise ArchiveError(f"{path} is incomplete: its manifest names {', '.join(missing[:3])}, not in the archive.")
     return ("oci" if oci else "legacy"), ids, tags, tar_bytes
+
+
+def _named_files(manifest, index, blobs):
+    """The files of the archive that its manifest names: configs and layers (legacy), or the layers' blobs (OCI)."""
+    if isinstance(manifest, list):
+        for entry in manifest:
+            yield entry.get("Config", "")
+            yield from entry.get("Layers") or []
+        return
+    for data in blobs.values():
+        try:
+            doc = json.loads(data)
+        except ValueError:
+            continue
+        if isinstance(doc, dict) and isinstance(doc.get("layers"), list) and "config" in doc:
+            for layer in doc["layers"]:
+                yield "blobs/sha256/" + str(layer.get("digest", "")).split(":")[-1]
 
 
 # ---- the Docker engine (module_utils/gpulab_docker_api.py) -------------------------------------------------------

@@ -190,6 +190,34 @@ def test_truncated_archive_is_refused(tmp_path, fmt):
     assert "truncated" in info.value.result["msg"] or "decompress" in info.value.result["msg"]
 
 
+def test_plain_tar_cut_at_a_member_boundary_is_refused(tmp_path):
+    """A plain tar is checked from its headers (the layers' data is sought over): a file cut just after a whole member
+    lacks the end-of-archive blocks."""
+    plain = tmp_path / "oci.tar"
+    oci_archive(plain, a_layer() + b"x" * 300_000)
+    with tarfile.open(plain) as tar:
+        members = tar.getmembers()
+    cut = members[1].offset_data + -(-members[1].size // 512) * 512  # just after the second member's data
+    data = plain.read_bytes()
+    plain.write_bytes(data[:cut])
+    with pytest.raises(ModuleFail, match=r"truncated|incomplete"):
+        run({"path": str(plain), "inspect_only": True})
+
+
+@pytest.mark.parametrize("fmt", ["tar", "gzip"])
+def test_archive_without_a_layer_its_manifest_names_is_refused(tmp_path, fmt):
+    full = tmp_path / "full.tar"
+    oci_archive(full, a_layer())
+    plain = tmp_path / "oci.tar"
+    layer_blob = "blobs/sha256/" + hashlib.sha256(a_layer()).hexdigest()
+    with tarfile.open(full) as src, tarfile.open(plain, "w") as dst:
+        for member in src.getmembers():
+            if member.name != layer_blob:
+                dst.addfile(member, src.extractfile(member))
+    with pytest.raises(ModuleFail, match=f"is incomplete: its manifest names {layer_blob}"):
+        run({"path": str(compress(plain, fmt)), "inspect_only": True})
+
+
 def test_corrupt_gzip_is_refused(tmp_path):
     plain = tmp_path / "oci.tar"
     oci_archive(plain, a_layer() + bytes(range(256)) * 1000)
