@@ -27,13 +27,13 @@ from pathlib import Path
 import pytest
 import testinfra
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "shared" / "tests"))
 from jupyter_client import Jupyter
 
 PROJECT_DIR = Path(os.environ.get("MOLECULE_PROJECT_DIRECTORY", Path(__file__).resolve().parents[3]))
 EPHEMERAL = Path(os.environ["MOLECULE_EPHEMERAL_DIRECTORY"])
 KEY = EPHEMERAL / "ssh" / "id_ed25519"
-CLIENT = Path(__file__).resolve().parent / "jupyter_client.py"
+CLIENT = Path(__file__).resolve().parents[2] / "shared" / "tests" / "jupyter_client.py"
 CLIENT_ON_SERVER = "/opt/gpulab-test/jupyter_client.py"
 CONFIG_MOUNT = "/etc/gpulab-notebook"
 NAMES = ["student1", "student2"]

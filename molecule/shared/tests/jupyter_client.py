@@ -1,5 +1,5 @@
-"""A small Jupyter HTTP client for the notebook scenario's tests, standard library only, so that the same code runs on
-the control node (through the SSH tunnel) and, copied, inside the instance (python3 jupyter_client.py ...).
+"""A small Jupyter HTTP client for the notebook and backup scenarios' tests, standard library only, so that the same
+code runs on the control node (through the SSH tunnel) and, copied, inside the instance (python3 jupyter_client.py).
 
 It logs in the way a browser does: with ?token=... in the URL, or with the password form (/login, the _xsrf cookie)
 and the session cookie afterwards.
