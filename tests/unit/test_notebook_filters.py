@@ -95,6 +95,35 @@ def container(name, ports=(), owner=None, state="running"):
 # ---- a good plan ----------------------------------------------------------------------------------------------
 
 
+def restored(name, owner, image_label, backup="20261129T101500Z-1a2b3c"):
+    """A notebook container that container_restore rebuilt from a backup: the backup's image, the restore label."""
+    entry = container(name, ports=[("127.0.0.1", 7777)], owner=owner)
+    entry["Image"] = f"gpulab-backup/{name}:{backup}"
+    entry["Labels"].update({"io.gpulab.notebook.image": image_label, "io.gpulab.backup.restored-from": backup})
+    return entry
+
+
+def test_a_restored_notebook_keeps_the_backups_image_while_the_lab_image_is_unchanged():
+    first, second = plan(containers=[restored("notebook-student1", "student1", IMAGE)])["users"]
+    assert first["image"] == "gpulab-backup/notebook-student1:20261129T101500Z-1a2b3c"
+    assert first["restored_from"] == "20261129T101500Z-1a2b3c"
+    assert first["labels"]["io.gpulab.backup.restored-from"] == "20261129T101500Z-1a2b3c"
+    assert first["labels"]["io.gpulab.notebook.image"] == IMAGE  # what the lab configured, still
+    assert second["image"] == IMAGE and "restored_from" not in second
+
+
+def test_a_new_lab_image_replaces_a_restored_notebooks_image():
+    old = restored("notebook-student1", "student1", "gpulab-test/dl-notebook:old")
+    first, _ = plan(containers=[old])["users"]
+    assert first["image"] == IMAGE and "restored_from" not in first
+    assert "io.gpulab.backup.restored-from" not in first["labels"]
+
+
+def test_a_restored_container_of_another_owner_is_not_adopted():
+    first, _ = plan(containers=[restored("notebook-student1", "student9", IMAGE)])["users"]
+    assert first["image"] == IMAGE
+
+
 def test_two_students_are_planned_as_the_lab_asked():
     result = plan()
     assert result["errors"] == []
@@ -121,6 +150,7 @@ def test_two_students_are_planned_as_the_lab_asked():
         "io.gpulab.notebook": "1",
         "io.gpulab.notebook.user": "student1",
         "io.gpulab.notebook.limits": "memory=none cpus=none shm_size=none",
+        "io.gpulab.notebook.image": IMAGE,
     }
     assert first["ipc_mode"] == "host"
     assert first["parent_exists"] is True

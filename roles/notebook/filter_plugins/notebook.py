@@ -38,6 +38,10 @@ LABEL_ROLE = "io.gpulab.notebook"
 # (docker update, which community.docker's docker_container would use otherwise, cannot remove a limit and refuses to
 # raise the memory limit above the swap limit set at creation.)
 LABEL_LIMITS = "io.gpulab.notebook.limits"
+# The image the lab configured for the notebook, recorded on the container; and the label module container_restore
+# puts on a container it rebuilt from a backup (its image is then the backup's, holding what the student installed).
+LABEL_IMAGE = "io.gpulab.notebook.image"
+LABEL_RESTORED = "io.gpulab.backup.restored-from"
 LIMITS = ("memory", "cpus", "shm_size")
 
 FLAVOURS = ("notebook6", "jupyter_server1", "jupyter_server2")
@@ -237,6 +241,7 @@ def notebook_plan(users, settings):
             planned.append((position, where, user))
     errors.extend(_check_together(planned))
     errors.extend(_check_containers(planned, settings))
+    _keep_restored_images(planned, settings)
     order = {"absent": 0, "stopped": 1, "started": 2}
     result = [user for _, _, user in sorted(planned, key=lambda p: (order[p[2]["state"]], p[0]))]
     return {"users": result, "errors": errors}
@@ -267,8 +272,29 @@ def _plan_entry(entry, where, settings):
     for step in (_plan_port, _plan_auth, _plan_owner, _plan_folders, _plan_jupyter, _plan_resources, _plan_env):
         errors.extend(f"{where}: {error}" for error in step(entry, user, settings))
     limits = " ".join(f"{key}={user[key] if user[key] is not None else 'none'}" for key in LIMITS)
-    user["labels"] = {LABEL_ROLE: "1", LABEL_USER: name, LABEL_LIMITS: limits}
+    user["labels"] = {LABEL_ROLE: "1", LABEL_USER: name, LABEL_LIMITS: limits, LABEL_IMAGE: user["image"]}
     return user, errors
+
+
+def _keep_restored_images(planned, settings):
+    """A notebook restored from a backup (playbooks/restore.yml) runs the backup's image, which holds what the student
+    installed in the container. While the lab's configured image for that user is still the one the container was made
+    from, the plan keeps the restored image (and the restore label), so that the next run of site.yml does not
+    recreate the container from the plain image and lose the student's work. A new image in the inventory wins."""
+    by_name = {_container_name(c): c for c in settings.get("containers") or []}
+    for _, _, user in planned:
+        container = by_name.get(user["container"]) or {}
+        labels = container.get("Labels") or {}
+        if (
+            user["state"] != "absent"
+            and labels.get(LABEL_USER) == user["name"]
+            and labels.get(LABEL_RESTORED)
+            and labels.get(LABEL_IMAGE) == user["image"]
+            and container.get("Image")
+        ):
+            user["restored_from"] = labels[LABEL_RESTORED]
+            user["image"] = container["Image"]
+            user["labels"][LABEL_RESTORED] = labels[LABEL_RESTORED]
 
 
 def _plan_port(entry, user, settings):
