@@ -59,10 +59,11 @@ ensure_docker_engine() {
 }
 
 # Command-line tools the harness uses on this machine (zstd: the archive tests compress docker save archives).
+# Arguments: programs, or program=package where Debian's package has another name (ssh=openssh-client).
 ensure_host_tools() {
     local missing=() tool
     for tool in "$@"; do
-        command -v "$tool" >/dev/null 2>&1 || missing+=("$tool")
+        command -v "${tool%%=*}" >/dev/null 2>&1 || missing+=("${tool#*=}")
     done
     [ ${#missing[@]} -eq 0 ] && return 0
     if [ "$(id -u)" = 0 ] && grep -qi '^ID=debian' /etc/os-release; then
