@@ -276,3 +276,64 @@ class ProgressFile:
     def remove(self):
         if self.path and os.path.exists(self.path):
             os.remove(self.path)
+
+
+# ---- added for container_backup / container_restore (module_utils/gpulab_backup.py) -------------------------------
+
+
+class _UnixConnection10(_UnixConnection):
+    """HTTP/1.0: the engine then sends a long answer as it is, until it closes the connection, instead of in chunks of
+    32 KiB that http.client would take apart and join again (half the CPU time for a multi-GB docker save)."""
+
+    _http_vsn = 10
+    _http_vsn_str = "HTTP/1.0"
+
+
+class PendingGet:
+    """A GET whose request is sent and whose answer is read later: the engine starts working at once (a docker save
+    exports the whole image to a temporary folder before its first byte), while the caller does something else."""
+
+    def __init__(self, engine, path):
+        self.engine = engine
+        self.path = path
+        self.conn = _UnixConnection10(engine.socket, engine.timeout)
+        try:
+            self.conn.request("GET", path)
+        except OSError as e:
+            self.conn.close()
+            engine._fail(f"GET {path.split('?')[0]}", e)
+
+    def response(self):
+        """Wait for the answer; returns an object with read(n) and close(), like Engine.get_stream."""
+        try:
+            resp = self.conn.getresponse()
+        except OSError as e:
+            self.conn.close()
+            self.engine._fail(f"GET {self.path.split('?')[0]}", e)
+        if resp.status != 200:
+            body = resp.read()
+            self.conn.close()
+            raise DockerApiError(f"GET {self.path.split('?')[0]}: the engine answered {resp.status}: {error_of(body)}")
+        return _Response(self.conn, resp)
+
+    def close(self):
+        self.conn.close()
+
+
+def _engine_start_get(self, path):
+    """Send a GET now and read its (long, binary) answer later: returns a PendingGet."""
+    return PendingGet(self, path)
+
+
+def _engine_container(self, name):
+    """The inspect data of a container (by name or ID), or None when the engine has no such container."""
+    status, data = self.request("GET", f"/containers/{quoted(name)}/json")
+    if status == 404:
+        return None
+    if status != 200:
+        raise DockerApiError(f"the engine answered {status} when asked for container {name}: {error_of(data)}")
+    return json.loads(data)
+
+
+Engine.start_get = _engine_start_get
+Engine.container = _engine_container

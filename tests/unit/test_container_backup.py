@@ -1,0 +1,374 @@
+"""Tests of library/container_backup.py against this machine's real Docker engine (skipped without one).
+
+Containers of a tiny two-layer image built here (tests/unit/backup_harness.py), changed with docker exec, backed up
+into stores under tmp_path: what a second backup writes, check mode, bad input, retention, flattening, a backup killed
+with SIGKILL while it writes a blob, the docker-archive format loaded with `docker load`, and the command line the
+systemd timer runs.
+"""
+
+import fcntl
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import container_backup
+import container_restore
+import gpulab_backup as gb
+import pytest
+from backup_harness import (
+    ROOT,
+    build_tiny_image,
+    inspect,
+    module_argv,
+    needs_docker,
+    remove_container,
+    remove_images_of,
+    run_container,
+    run_module,
+    sh,
+    wait_for,
+    write_args,
+)
+from module_harness import ModuleFail
+
+pytestmark = [needs_docker, pytest.mark.usefixtures("capture_exit")]
+
+
+def read_json(path):
+    return json.loads(Path(path).read_text())
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    name, image_id = build_tiny_image(tmp_path_factory.mktemp("image"))
+    yield {"name": name, "id": image_id, "layers": inspect(name, "image")["RootFS"]["Layers"]}
+    subprocess.run(["docker", "rmi", "-f", name], capture_output=True, check=False)
+
+
+@pytest.fixture
+def container(tiny, tmp_path):
+    """A running container of the tiny image with a bind-mounted work directory; removed afterwards."""
+    name = f"gpulab-unittest-backup-{uuid.uuid4().hex[:8]}"
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "notes.txt").write_text("my notes\n")
+    run_container(name, tiny["name"], "-v", f"{work}:/work")
+    sh("docker", "exec", name, "sh", "-c", "echo installed > /root/package.txt")
+    yield {"name": name, "work": work}
+    remove_container(name)
+    remove_images_of(name)
+
+
+def backup(container, store, **options):
+    return run_module(container_backup, {"container": container["name"], "store": str(store), **options})
+
+
+def restore(container, store, **options):
+    return run_module(container_restore, {"container": container["name"], "store": str(store), **options})
+
+
+def test_second_backup_after_a_small_change_writes_only_the_new_layer(container, tiny, tmp_path):
+    store = tmp_path / "store"
+    first = backup(container, store)
+    assert first["changed"] is True
+    assert first["path_taken"] == "commit-save"
+    assert first["layer_count"] == 3  # the image's two, and the commit's
+    assert (first["layers_new"], first["layers_reused"]) == (3, 0)
+    size1 = gb.Store(str(store)).disk_usage()
+    assert first["store_bytes"] == size1
+    assert abs(first["bytes_written"] - size1) < 64 * 1024  # what it says it wrote is on disk
+    assert first["bytes_read"] >= sum(x["size"] for x in read_json(first["manifest"])["layers"])
+    assert inspect(first["image_id"], "image") is None  # the commit is not left in the engine
+    assert first["mounts"][0]["source"] == str(container["work"])
+
+    # A small change: 200 kB in the container; the work directory is untouched.
+    sh("docker", "exec", container["name"], "sh", "-c", "head -c 200000 /opt/data.txt > /root/change.txt")
+    second = backup(container, store)
+    assert (second["layers_new"], second["layers_reused"]) == (1, 2)
+    manifest = read_json(second["manifest"])
+    top = manifest["layers"][-1]["blobs"][0]
+    assert [x["diff_id"] for x in manifest["layers"][:2]] == tiny["layers"]
+    assert second["mounts"][0]["reused"] is True  # unchanged work directory: not archived again
+    size2 = gb.Store(str(store)).disk_usage()
+    growth = size2 - size1
+    manifest_size = os.path.getsize(second["manifest"])
+    # It wrote the new layer's blob and the manifest, nothing else; the store grew by that (block rounding aside).
+    assert second["bytes_written"] == top["stored_size"] + manifest_size
+    assert abs(growth - second["bytes_written"]) < 3 * 4096
+    assert second["bytes_written"] < first["bytes_written"] / 20
+    assert second["bytes_read"] > top["size"]  # the whole save stream was read through
+
+
+def test_check_mode_changes_nothing(container, tmp_path):
+    store = tmp_path / "store"
+    before = inspect(container["name"])
+    result = run_module(container_backup, {"container": container["name"], "store": str(store)}, check_mode=True)
+    assert result["changed"] is True
+    assert result["check_mode"] is True
+    assert result["backup_id"] is None
+    assert result["layers_new"] == 3
+    assert "would commit container" in result["msg"]
+    assert not store.exists()  # not even created
+    after = inspect(container["name"])
+    assert after["State"] == before["State"]
+    assert sh("docker", "images", "-q", "--filter", "dangling=true", "--filter", f"since={before['Image']}") == ""
+
+    # With a store that has a backup: it says which layers it has and what retention would remove.
+    backup(container, store, keep_last=1)
+    files = sorted(str(p) for p in store.rglob("*"))
+    again = run_module(
+        container_backup, {"container": container["name"], "store": str(store), "keep_last": 1}, check_mode=True
+    )
+    assert again["layers_reused"] == 2
+    assert len(again["removed_backups"]) == 1
+    assert sorted(str(p) for p in store.rglob("*")) == files
+
+
+def test_bad_input(container, tmp_path):
+    with pytest.raises(ModuleFail, match="no container named gpulab-unittest-nope on the Docker engine"):
+        run_module(container_backup, {"container": "gpulab-unittest-nope", "store": str(tmp_path / "s")})
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    with pytest.raises(ModuleFail, match=f"the backup store {afile} exists and is not a directory"):
+        backup(container, afile)
+    with pytest.raises(ModuleFail, match="keep_last must be at least 1"):
+        backup(container, tmp_path / "s", keep_last=0)
+    with pytest.raises(ModuleFail, match="missing: archive_path"):
+        run_module(container_backup, {"container": container["name"], "format": "docker-archive"})
+    with pytest.raises(ModuleFail, match=r"container name '\.\./x' is not valid"):
+        run_module(container_backup, {"container": "../x", "store": str(tmp_path / "s")})
+    with pytest.raises(ModuleFail, match="flatten_threshold must be between"):
+        backup(container, tmp_path / "s", flatten_threshold=500)
+    assert not (tmp_path / "s").exists()
+
+
+def test_retention_keeps_the_newest_complete_backup(container, tmp_path):
+    store = tmp_path / "store"
+    ids = []
+    for i in range(3):
+        sh("docker", "exec", container["name"], "sh", "-c", f"echo {i} > /root/round.txt")
+        ids.append(backup(container, store, keep_last=2)["backup_id"])
+    s = gb.Store(str(store))
+
+    def kept():
+        return [m["id"] for m in s.backups_of(container["name"])]
+
+    assert kept() == ids[1:]
+    # Every blob left is referenced, and every kept backup is complete.
+    referenced = {b["digest"] for i in ids[1:] for b, _ in gb.manifest_blobs(s.read_manifest(container["name"], i))}
+    assert {"sha256:" + n for n in os.listdir(s.blobs)} == referenced
+    # The newest backup loses a blob: the newest complete one is the one before; a restore takes that one.
+    newest = s.read_manifest(container["name"], ids[2])
+    os.unlink(s.blob_path(newest["layers"][-1]["diff_id"]))
+    checked = restore(container, store, verify_only=True)
+    assert checked["backup_id"] == ids[1]
+    assert any(f"backup {ids[2]} is incomplete" in w for w in checked["warnings"])
+    # keep_last 1: the new backup is now the newest complete one; both older ones go, and their blobs.
+    latest = backup(container, store, keep_last=1)
+    assert latest["removed_backups"] == ids[1:]
+    assert kept() == [latest["backup_id"]]
+    assert s.pick(container["name"]) == (s.read_manifest(container["name"], latest["backup_id"]), [])
+    referenced = {b["digest"] for b, _ in gb.manifest_blobs(s.read_manifest(container["name"], latest["backup_id"]))}
+    assert {"sha256:" + n for n in os.listdir(s.blobs)} == referenced
+
+
+def test_a_backup_killed_while_writing_leaves_the_store_consistent(container, tmp_path):
+    store = tmp_path / "store"
+    earlier = backup(container, store)
+    # About 40 MB of compressible text in the container, stored at zstd level 19: seconds of writing to kill into.
+    big = tmp_path / "big.txt"
+    with open(big, "w") as f:
+        for i in range(400_000):
+            f.write(f"line {i} {uuid.uuid4()} of a file a student wrote\n")
+    sh("docker", "cp", big, f"{container['name']}:/root/big.txt")
+    progress = tmp_path / "progress.json"
+    args = write_args(
+        tmp_path / "args.json",
+        {
+            "container": container["name"],
+            "store": str(store),
+            "compression_level": 19,
+            "include_workdir": False,
+            "progress_file": str(progress),
+        },
+    )
+    proc = subprocess.Popen(module_argv("container_backup", args), start_new_session=True, stdout=subprocess.PIPE)
+    tmp = store / "tmp"
+
+    def writing():
+        return [p for p in tmp.glob("blob-*.tmp") if p.stat().st_size > 0] if tmp.exists() else []
+
+    try:
+        assert wait_for(writing, timeout=120), "the backup never started writing a blob"
+        report = wait_for(lambda: "bytes_read" in read_json(progress) and read_json(progress), timeout=10)
+        os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+        proc.stdout.close()
+    assert proc.returncode == -signal.SIGKILL
+    assert writing()  # it died with a temporary file in the store
+    assert report["phase"] == "save"  # what an async caller reads meanwhile
+    assert report["bytes_read"] > 0
+    assert {"seconds", "bytes_written"} <= set(report)
+
+    s = gb.Store(str(store))
+    assert s.backup_ids(container["name"]) == [earlier["backup_id"]]  # no manifest, so no backup
+    assert gb.list_store(str(store))["backups"][0]["complete"] is True
+    # Every earlier backup restorable: verified in full, and restored.
+    checked = restore(container, store, verify_only=True)
+    assert checked["verified"] == "full"
+    restored = restore(container, store, backup=earlier["backup_id"], force=True)
+    assert restored["replaced_container"] is True
+    assert sh("docker", "exec", container["name"], "cat", "/root/package.txt") == "installed"
+    # The next backup cleans up after the killed one.
+    after = backup(container, store, include_workdir=False)
+    assert any("temporary file" in w for w in after["warnings"])
+    assert os.listdir(tmp) == []
+    assert [m["id"] for m in s.backups_of(container["name"])] == [earlier["backup_id"], after["backup_id"]]
+
+
+def test_a_second_backup_waits_for_the_store_lock(container, tmp_path):
+    store = tmp_path / "store"
+    store.mkdir()
+    progress = tmp_path / "progress.json"
+    args = write_args(tmp_path / "args.json", {"container": container["name"], "store": str(store),
+                                               "progress_file": str(progress)})  # fmt: skip
+    with open(store / "lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another backup holds the store
+        proc = subprocess.Popen(module_argv("container_backup", args), stdout=subprocess.PIPE, text=True)
+        try:
+            waiting = wait_for(lambda: progress.exists() and "waiting" in read_json(progress)["phase"], timeout=30)
+            assert waiting, "the backup did not say it waits for the lock"
+            time.sleep(1)
+            assert proc.poll() is None
+            assert not (store / "backups").exists() or not any((store / "backups").iterdir())
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+        out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0
+    assert json.loads(out[out.index("{") :])["layers_new"] == 3
+
+
+def test_flatten_when_the_image_nears_the_layer_limit(container, tmp_path):
+    store = tmp_path / "store"
+    result = backup(container, store, flatten_threshold=3)
+    assert result["flattened"] is True
+    assert result["path_taken"] == "export-flatten"
+    assert result["layer_count"] == 1
+    assert any("flattens it into one layer" in w for w in result["warnings"])
+    assert inspect(container["name"])["State"]["Running"] is True  # unpaused after the export
+    restored = restore(container, store, force=True)
+    image = inspect(restored["image"], "image")
+    assert len(image["RootFS"]["Layers"]) == 1
+    assert sh("docker", "exec", container["name"], "cat", "/root/package.txt") == "installed"
+    assert image["Config"]["Cmd"] == ["/bin/sleep", "infinity"]
+
+
+def test_docker_archive_loads_with_docker_load(container, tmp_path):
+    path = tmp_path / "alice.tar"
+    result = run_module(
+        container_backup, {"container": container["name"], "format": "docker-archive", "archive_path": str(path)}
+    )
+    assert result["bytes_written"] == path.stat().st_size
+    assert result["layer_count"] == 3
+    assert not list(tmp_path.glob(".alice.tar.*"))  # no temporary file left
+    assert inspect(result["image"], "image") is None  # the tagged commit is not left in the engine
+    try:
+        out = sh("docker", "load", "-i", path)
+        assert result["image"] in out
+        assert inspect(result["image"], "image")["Id"] == result["image_id"]
+        check = sh(
+            "docker", "run", "--rm", "--label", "io.gpulab.harness=1", result["image"], "cat", "/root/package.txt"
+        )
+        assert check == "installed"
+    finally:
+        subprocess.run(["docker", "rmi", "-f", result["image"]], capture_output=True, check=False)
+    members = sh("tar", "-tf", path).splitlines()
+    assert "gpulab-backup/backup.json" in members
+    assert "gpulab-backup/mounts/0.tar" in members
+
+
+def test_docker_archive_of_a_flattened_image(container, tmp_path):
+    path = tmp_path / "flat.tar"
+    result = run_module(
+        container_backup,
+        {"container": container["name"], "format": "docker-archive", "archive_path": str(path), "flatten_threshold": 2},
+    )
+    assert result["flattened"] is True
+    assert result["layer_count"] == 1
+    try:
+        sh("docker", "load", "-i", path)
+        assert len(inspect(result["image"], "image")["RootFS"]["Layers"]) == 1
+        check = sh(
+            "docker", "run", "--rm", "--label", "io.gpulab.harness=1", result["image"], "cat", "/root/package.txt"
+        )
+        assert check == "installed"
+    finally:
+        subprocess.run(["docker", "rmi", "-f", result["image"]], capture_output=True, check=False)
+
+
+def test_skipped_mounts_and_secrets(tiny, tmp_path):
+    name = f"gpulab-unittest-backup-{uuid.uuid4().hex[:8]}"
+    run_container(
+        name,
+        tiny["name"],
+        "-v", "/var/run/docker.sock:/var/run/docker.sock",
+        "-v", f"{name}-vol:/data",
+        "-e", "NOTEBOOK_TOKEN=s3cret",
+        "-e", "VISIBLE=yes",
+    )  # fmt: skip
+    try:
+        result = backup({"name": name}, tmp_path / "store")
+        why = {m["destination"]: m["why"] for m in result["skipped_mounts"]}
+        assert "a system path" in why["/var/run/docker.sock"]
+        assert why["/data"].startswith("a volume mount")
+        assert result["mounts"] == []
+        assert result["secret_env_left_out"] == ["NOTEBOOK_TOKEN"]
+        text = Path(result["manifest"]).read_text()
+        assert "s3cret" not in text
+        assert "VISIBLE=yes" in text
+        assert "s3cret" not in json.dumps(result)
+    finally:
+        remove_container(name)
+        subprocess.run(["docker", "volume", "rm", f"{name}-vol"], capture_output=True, check=False)
+        remove_images_of(name)
+
+
+def test_the_command_line_of_the_systemd_timer(container, tmp_path):
+    """module_utils/gpulab_backup.py run on its own by python3, without Ansible."""
+    store = tmp_path / "store"
+    script = ROOT / "module_utils" / "gpulab_backup.py"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    # The server's own python3 (Debian's, without Ansible) when there is one, as the timer runs it.
+    python = "/usr/bin/python3" if os.access("/usr/bin/python3", os.X_OK) else sys.executable
+    argv = [python, str(script)]
+    progress = tmp_path / "progress.json"
+    started = time.monotonic()
+    proc = subprocess.run(
+        [*argv, "backup", "--store", store, "--container", container["name"], "--keep-last", "2",
+         "--progress-file", progress],
+        capture_output=True, text=True, env=env, check=False, cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert result["layers_new"] == 3
+    assert result["seconds"] <= time.monotonic() - started
+    assert not progress.exists()  # removed at the end
+    listing = json.loads(sh(*argv, "list", "--store", store))
+    assert [b["backup_id"] for b in listing["backups"]] == [result["backup_id"]]
+    checked = subprocess.run(
+        [*argv, "restore", "--store", store, "--container", container["name"], "--verify-only"],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert json.loads(checked.stdout)["verified"] == "full"
+    bad = subprocess.run(
+        [*argv, "backup", "--store", store, "--container", "gpulab-unittest-nope"],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert bad.returncode == 1
+    assert "backup of gpulab-unittest-nope failed: no container named gpulab-unittest-nope" in bad.stderr
