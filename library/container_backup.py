@@ -218,7 +218,7 @@ run_settings:
   description: The container's saved run settings (what container_restore creates it with), secret values left out.
   type: dict
   returned: always
-warnings:
+notices:
   description: Things the backup did or met that the user should know (flattening, files changed while archived, ...).
   type: list
   elements: str
@@ -274,9 +274,11 @@ def main():
         module.fail_json(msg=str(e), container=p["container"])
     except Exception as e:
         module.fail_json(msg=f"Unexpected error backing up {p['container']}: {e}", exception=traceback.format_exc())
-    for warning in result["warnings"]:
-        module.warn(warning)
-    module.exit_json(**result)
+    # Shown as Ansible warnings, and returned as notices (a module's own "warnings" key is deprecated in ansible-core).
+    notices = result.pop("warnings", [])
+    for notice in notices:
+        module.warn(notice)
+    module.exit_json(notices=notices, **result)
 
 
 if __name__ == "__main__":

@@ -208,7 +208,7 @@ seconds:
   description: Duration of the restore.
   type: float
   returned: always
-warnings:
+notices:
   description: Things the user should know (a newer backup was incomplete, ...).
   type: list
   elements: str
@@ -261,9 +261,11 @@ def main():
         module.fail_json(msg=str(e), container=p["container"])
     except Exception as e:
         module.fail_json(msg=f"Unexpected error restoring {p['container']}: {e}", exception=traceback.format_exc())
-    for warning in result["warnings"]:
-        module.warn(warning)
-    module.exit_json(**result)
+    # Shown as Ansible warnings, and returned as notices (a module's own "warnings" key is deprecated in ansible-core).
+    notices = result.pop("warnings", [])
+    for notice in notices:
+        module.warn(notice)
+    module.exit_json(notices=notices, **result)
 
 
 if __name__ == "__main__":

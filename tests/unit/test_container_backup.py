@@ -167,7 +167,7 @@ def test_retention_keeps_the_newest_complete_backup(container, tmp_path):
     os.unlink(s.blob_path(newest["layers"][-1]["diff_id"]))
     checked = restore(container, store, verify_only=True)
     assert checked["backup_id"] == ids[1]
-    assert any(f"backup {ids[2]} is incomplete" in w for w in checked["warnings"])
+    assert any(f"backup {ids[2]} is incomplete" in w for w in checked["notices"])
     # keep_last 1: the new backup is now the newest complete one; both older ones go, and their blobs.
     latest = backup(container, store, keep_last=1)
     assert latest["removed_backups"] == ids[1:]
@@ -227,7 +227,7 @@ def test_a_backup_killed_while_writing_leaves_the_store_consistent(container, tm
     assert sh("docker", "exec", container["name"], "cat", "/root/package.txt") == "installed"
     # The next backup cleans up after the killed one.
     after = backup(container, store, include_workdir=False)
-    assert any("temporary file" in w for w in after["warnings"])
+    assert any("temporary file" in w for w in after["notices"])
     assert os.listdir(tmp) == []
     assert [m["id"] for m in s.backups_of(container["name"])] == [earlier["backup_id"], after["backup_id"]]
 
@@ -260,7 +260,7 @@ def test_flatten_when_the_image_nears_the_layer_limit(container, tmp_path):
     assert result["flattened"] is True
     assert result["path_taken"] == "export-flatten"
     assert result["layer_count"] == 1
-    assert any("flattens it into one layer" in w for w in result["warnings"])
+    assert any("flattens it into one layer" in w for w in result["notices"])
     assert inspect(container["name"])["State"]["Running"] is True  # unpaused after the export
     restored = restore(container, store, force=True)
     image = inspect(restored["image"], "image")
