@@ -253,6 +253,7 @@ def test_verify_only_and_check_mode_leave_docker_alone(notebook):
     assert checked["verified"] == "full"
     assert checked["verified_content_bytes"] > 0
     wipe(notebook)
+    time.sleep(1.1)  # the events of the wipe itself are over
     since = time.time()
     planned = run_module(
         container_restore, {"container": notebook["name"], "store": str(notebook["store"])}, check_mode=True
