@@ -11,7 +11,11 @@ whole 10+ GB image every time, without the work directory (commit never captures
 GPUs and environment the container ran with. This module commits the container (paused, through the Docker API),
 reads the `docker save` stream in chunks (no 60 s read timeout, never in memory; legacy and OCI layouts), stores each
 layer once as a zstd-compressed blob named by its sha256 (written atomically: temporary file, fsync, rename), archives
-the bind-mount sources, and writes a manifest last. Retention keeps the newest backups per container and removes blobs
+the bind-mount sources, and writes a manifest last.
+The fast path (issue 7): on overlay2, once the layers of the container's image are in the store, it reads the
+container's writable layer straight from its upper directory (paused only while it is read) instead of commit + save,
+and stores it as content-defined chunks (module_utils/gpulab_overlay.py), so a backup costs time and bytes in
+proportion to what changed, not to the image. Retention keeps the newest backups per container and removes blobs
 no backup references. An image nearing Docker's 125-layer limit is flattened instead of failing one day.
 The code lives in module_utils/gpulab_backup.py, which the role notebook_backup's systemd timer runs without Ansible.
 Python's standard library only (3.8 or newer) and the zstd and tar programs on the server.
@@ -25,10 +29,20 @@ module: container_backup
 short_description: Back up a Docker container into gpulab's incremental, content-addressed backup store
 version_added: "0.1.0"
 description:
-  - Commits the container (paused while Docker commits, unless O(pause=false)) through the Docker API, reads the
-    committed image from C(docker save) in chunks and stores each layer as a blob named by the sha256 of its content,
-    compressed with zstd. A layer the store already has is not written again, so a second backup writes only what
-    changed since the container was created.
+  - "Two ways to read the container (RV(path_taken) says which, RV(path_reason) why not the fast one):"
+  - "C(overlay-upperdir), the fast path: when the container runs on Docker's overlay2 storage driver and O(fast_path)
+    is on, the container's writable layer is read straight from its overlay upper directory (C(docker inspect):
+    GraphDriver.Data.UpperDir), with the container paused (frozen) only while it is read, and written as a layer tar
+    (overlay whiteouts and opaque directories become C(.wh.) entries; owners, modes, links, xattrs kept). The layer is
+    cut into content-defined chunks at file boundaries, each stored once by its hash, so a backup after a small change
+    reads the writable layer and writes little more than the change. The image's own layers come from the store; when
+    it lacks some, the image (not the container: no commit, no pause) is saved into the store first, once."
+  - "C(commit-save), the fallback: another storage driver, Docker's containerd image store, an upper directory the
+    module cannot read (not root, an engine on another machine), overlay features a layer cannot represent
+    (metacopy, redirect_dir), O(fast_path=false): the container is committed (paused while Docker commits, unless
+    O(pause=false)) through the Docker API, the committed image is read from C(docker save) in chunks and each layer
+    is stored as a blob named by the sha256 of its content, compressed with zstd. A layer the store already has is not
+    written again."
   - With O(include_workdir) (the default), the sources of the container's bind mounts (the notebook's work directory,
     its Jupyter config) are archived too, with owners, modes and extended attributes; an unchanged source is not
     archived again. Sockets, devices and system paths (C(/proc), C(/sys), C(/dev), C(/run), C(/var/lib/docker), ...)
@@ -108,6 +122,12 @@ options:
   progress_file:
     description: File the progress is written to as JSON (phase, seconds, bytes read and written), for async callers.
     type: path
+  fast_path:
+    description:
+      - Read the writable layer from the overlay2 upper directory when the engine allows it (see the description);
+        V(false) always commits and saves.
+    type: bool
+    default: true
 attributes:
   check_mode:
     description: Can run in check mode and return changed status prediction without modifying target.
@@ -150,8 +170,28 @@ manifest:
   type: str
   returned: success, not in check mode
 path_taken:
-  description: How the image was read, C(commit-save) or C(export-flatten).
+  description: How the container was read, C(overlay-upperdir) (the fast path), C(commit-save) or C(export-flatten).
   type: str
+  returned: always
+path_reason:
+  description: Why the fast path was not taken (null when it was).
+  type: str
+  returned: always
+base_image_stored:
+  description: Whether the layers of the container's image were saved into the store first (the fast path's first run).
+  type: bool
+  returned: always
+chunks_new:
+  description: Chunks of the writable layer written to the store (fast path).
+  type: int
+  returned: always
+chunks_reused:
+  description: Chunks of the writable layer the store already had (fast path).
+  type: int
+  returned: always
+paused_seconds:
+  description: Seconds the container was paused while its upper directory was read (fast path).
+  type: float
   returned: always
 bytes_read:
   description: Bytes read from the engine's save (or export) stream and from the bind-mount sources.
@@ -248,6 +288,7 @@ def main():
             "docker_host": {"type": "str", "default": "unix:///var/run/docker.sock"},
             "timeout": {"type": "int", "default": 0},
             "progress_file": {"type": "path"},
+            "fast_path": {"type": "bool", "default": True},
         },
         required_if=[("format", "store", ["store"]), ("format", "docker-archive", ["archive_path"])],
         supports_check_mode=True,
@@ -268,6 +309,7 @@ def main():
             docker_host=p["docker_host"],
             timeout=p["timeout"],
             progress_file=p["progress_file"],
+            fast_path=p["fast_path"],
         )
         result = job.plan() if module.check_mode else job.run()
     except (backup.BackupError, api.DockerApiError) as e:

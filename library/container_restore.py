@@ -200,8 +200,11 @@ container_id:
   description: ID of the created container.
   type: str
   returned: when a container was created
-started:
-  description: Whether the container was started.
+container_started:
+  description:
+    - Whether the container was started.
+    - (Not C(started), which Ansible's async machinery reserves: a module result with C(started) never reads as
+      finished to C(async_status).)
   type: bool
   returned: always
 seconds:

@@ -15,7 +15,8 @@ Every blob and manifest is written to tmp/, fsynced, renamed into place and its 
 leaves at worst files in tmp/ and blobs no manifest references, both removed by the next backup.
 
 A manifest holds the image config (the exact JSON, so the restored image has the same ID unless secrets were taken
-out of it), the layers (each a list of blobs: one per layer today; content-defined chunks later), the container's run
+out of it), the layers (each a list of blobs, concatenated: one for a layer read from `docker save`, content-defined
+chunks for a writable layer read from its overlay2 upper directory: the fast path), the container's run
 settings, and the archives of its bind-mounted folders and files.
 
 Reading `docker save` (GET /images/<id>/get): a tar stream of the legacy layout (manifest.json, <config>.json,
@@ -57,8 +58,10 @@ import zlib
 
 try:
     from ansible.module_utils import gpulab_docker_api as api
+    from ansible.module_utils import gpulab_overlay as overlay
 except ImportError:  # run outside Ansible (the systemd timer's script)
     import gpulab_docker_api as api
+    import gpulab_overlay as overlay
 
 CHUNK = 1024 * 1024
 BLOCK = 512
@@ -141,6 +144,10 @@ class _EngineRefused(BackupError):
     """The engine refused the image we streamed (not a problem of the backup itself)."""
 
 
+class _NoFastPath(Exception):
+    """Why a container's writable layer cannot be read from its upper directory."""
+
+
 class _GuessedWrong(Exception):
     """A layer skipped because its size matched a stored layer turned out to be another one: read again, hashing all."""
 
@@ -219,6 +226,24 @@ def fsync_dir(path):
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     try:
         os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def sync_filesystem(path):
+    """Make what was written to the filesystem holding path durable: syncfs(2) (one call for many files), else
+    sync(2)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        try:
+            import ctypes  # noqa: PLC0415 (only here: a store that never writes chunks never needs it)
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            if libc.syncfs(fd) == 0:
+                return
+        except (OSError, AttributeError):
+            pass
+        os.sync()
     finally:
         os.close(fd)
 
@@ -469,7 +494,7 @@ class Store:
 
     def layer_index(self):
         """Layers that manifests describe and whose blobs are all on disk with their stored size: diff_id -> layer
-        entry (a layer is a list of blobs: one today, content-defined chunks later)."""
+        entry (a layer is a list of blobs: one from docker save, content-defined chunks from an upper directory)."""
         index = {}
         for container in self.containers():
             for backup_id in self.backup_ids(container):
@@ -687,22 +712,27 @@ class BlobWriter:
 
 
 class BlobReader:
-    """The uncompressed content of one or more blobs (concatenated), from `zstd -dc`, read in chunks."""
+    """The uncompressed content of one or more blobs (concatenated), from `zstd -dc`, read in chunks (one zstd for
+    each BATCH_PATHS blobs: a layer of thousands of chunks stays within the limits of a command line)."""
+
+    BATCH_PATHS = 512
 
     def __init__(self, paths):
         self.paths = list(paths)
+        self.next = 0
+        self.proc = None
+        self._start()
+
+    def _start(self):
+        batch = self.paths[self.next : self.next + self.BATCH_PATHS]
+        self.next += len(batch)
+        self.batch = batch
         self.proc = subprocess.Popen(
-            [zstd_program(), "-dcq", "--", *self.paths], stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0
+            [zstd_program(), "-dcq", "--", *batch], stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0
         )
         _grow_pipe(self.proc.stdout.fileno())
 
-    def read(self, size=CHUNK):
-        return self.proc.stdout.read(size)
-
-    def chunks(self):
-        return iter(lambda: self.proc.stdout.read(CHUNK), b"")
-
-    def close(self, check=True):
+    def _end(self, check=True):
         if not check and self.proc.poll() is None:
             with contextlib.suppress(OSError):
                 self.proc.kill()
@@ -711,7 +741,146 @@ class BlobReader:
         self.proc.stderr.close()
         rc = self.proc.wait()
         if check and rc != 0:
-            raise BackupError(f"zstd could not decompress {', '.join(self.paths)}: {err or f'exit status {rc}'}")
+            what = self.batch[0] if len(self.batch) == 1 else f"{len(self.batch)} blobs from {self.batch[0]}"
+            raise BackupError(f"zstd could not decompress {what}: {err or f'exit status {rc}'}")
+
+    def read(self, size=CHUNK):
+        while True:
+            data = self.proc.stdout.read(size)
+            if data or self.next >= len(self.paths):
+                return data
+            self._end()
+            self._start()
+
+    def chunks(self):
+        return iter(self.read, b"")
+
+    def close(self, check=True):
+        self._end(check)
+
+
+class ChunkedLayerWriter:
+    """Stores a layer tar as it is written (write_layer's `out`) as content-defined chunks (gpulab_overlay's
+    MemberChunker), each a blob named by the sha256 of its content, so a chunk the store has is never written again.
+
+    New chunks go uncompressed to tmp/ and are compressed in batches, one `zstd --rm` for many files, in the background
+    while the layer is still being read (a zstd process per chunk would cost more than the compression). finish() waits
+    for them, makes them durable (syncfs: one call, not one fsync per chunk), renames each into blobs/ and fsyncs the
+    folder; only then may a manifest name them. abort() removes what is left in tmp/.
+    """
+
+    BATCH_BYTES = 32 * 1024 * 1024
+    BATCH_FILES = 256
+    RUNNING = 2
+
+    def __init__(self, store, known, level=DEFAULT_LEVEL, progress=None, **sizes):
+        self.store = store
+        self.progress = progress
+        self.known = known
+        self.level = zstd_level(level)
+        self.chunker = overlay.MemberChunker(self._chunk, **sizes)
+        self.order = []  # digests, in the layer's order
+        self.pending = []  # (digest, size, tmp path) not yet given to zstd
+        self.pending_bytes = 0
+        self.jobs = []  # (Popen, batch)
+        self.new = {}  # digest -> (size, tmp path)
+        self.size = 0
+        self.chunks_new = 0
+        self.chunks_reused = 0
+        self.bytes_new = 0
+
+    # write_layer's output
+
+    def write(self, data):
+        return self.chunker.write(data)
+
+    def mark(self, name, size):
+        self.chunker.mark(name, size)
+
+    def _chunk(self, data):
+        digest = sha256_of(data)
+        self.size += len(data)
+        self.order.append(digest)
+        if digest in self.known or digest in self.new:
+            self.chunks_reused += 1
+            return
+        fd, path = self.store.tmp_file("chunk-")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            raise
+        self.new[digest] = (len(data), path)
+        self.chunks_new += 1
+        self.bytes_new += len(data)
+        self.pending.append((digest, len(data), path))
+        self.pending_bytes += len(data)
+        if len(self.pending) >= self.BATCH_FILES or self.pending_bytes >= self.BATCH_BYTES:
+            self._compress()
+
+    def _compress(self):
+        if not self.pending:
+            return
+        running = [job for job in self.jobs if job[0].poll() is None]
+        if len(running) >= self.RUNNING:
+            running[0][0].wait()
+        batch, self.pending, self.pending_bytes = self.pending, [], 0
+        proc = subprocess.Popen(
+            [zstd_program(), self.level, "-q", "-f", "--rm", "--", *(path for _, _, path in batch)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        self.jobs.append((proc, batch))
+
+    # the end
+
+    def finish(self):
+        """Returns (the layer's blob entries in order, bytes written to the store)."""
+        self.chunker.close()
+        self._compress()
+        entries = {}
+        written = 0
+        for proc, batch in self.jobs:
+            err = proc.stderr.read().decode(errors="replace").strip()
+            proc.stderr.close()
+            if proc.wait() != 0:
+                raise BackupError(f"zstd could not compress chunks in {self.store.tmp}: {err or proc.returncode}")
+            for digest, size, path in batch:
+                compressed = path + ".zst"
+                entries[digest] = {
+                    "digest": digest,
+                    "size": size,
+                    "stored_digest": file_sha256(compressed),
+                    "stored_size": os.stat(compressed).st_size,
+                }
+                written += entries[digest]["stored_size"]
+            if self.progress:
+                self.progress.update(bytes_written=written)
+        if entries:
+            sync_filesystem(self.store.tmp)
+            for digest, (_, path) in self.new.items():
+                os.rename(path + ".zst", self.store.blob_path(digest))
+            fsync_dir(self.store.blobs)
+        self.known.update((digest, dict(entry)) for digest, entry in entries.items())
+        self.new = {}
+        return [dict(self.known[digest]) for digest in self.order], written
+
+    def abort(self):
+        for proc, _ in self.jobs:
+            if proc.poll() is None:
+                with contextlib.suppress(OSError):
+                    proc.kill()
+            proc.wait()
+            with contextlib.suppress(OSError):
+                proc.stderr.close()
+        for _, path in self.new.values():
+            for leftover in (path, path + ".zst"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(leftover)
+        self.new = {}
 
 
 # ---- reading tar streams -------------------------------------------------------------------------------------------
@@ -1383,6 +1552,7 @@ class BackupJob:
         docker_host="unix:///var/run/docker.sock",
         timeout=None,
         progress_file=None,
+        fast_path=True,
     ):
         self.name = check_name(container, "container name")
         if fmt not in ("store", "docker-archive"):
@@ -1411,6 +1581,9 @@ class BackupJob:
         self.engine = _docker(api.Engine, docker_host, self.timeout)
         self.progress = Progress(progress_file)
         self.warnings = []
+        self.fast_path = bool(fast_path)
+        self.path_taken = None
+        self.path_reason = None
 
     # what there is
 
@@ -1441,6 +1614,56 @@ class BackupJob:
                 f"the image of {self.name} would have {self.layer_count} layers (flatten_threshold "
                 f"{self.flatten_threshold}, Docker's limit {DOCKER_MAX_LAYERS}): the backup flattens it into one layer"
             )
+        self.upper, self.base_config, refusal = self._fast_path_check()
+        if self.flatten:
+            self.path_taken, self.path_reason = "export-flatten", "the image is flattened (layer count)"
+        elif refusal:
+            self.path_taken, self.path_reason = "commit-save", refusal
+        else:
+            self.path_taken = "overlay-upperdir"
+
+    def _fast_path_check(self):
+        """(upper directory, raw config of the container's image, None) when the writable layer can be read directly;
+        else (None, None, why not). Whether the image's layers are in the store is settled later."""
+        try:
+            return (*self._fast_path_parts(), None)
+        except _NoFastPath as e:
+            return None, None, str(e)
+
+    def _fast_path_parts(self):
+        if self.fmt != "store":
+            raise _NoFastPath("format docker-archive writes one docker load-able tar from docker save")
+        if not self.fast_path:
+            raise _NoFastPath("fast_path is off")
+        driver = self.info.get("GraphDriver") or {}
+        if driver.get("Name") != "overlay2":
+            raise _NoFastPath(
+                f"the container's storage driver is {driver.get('Name') or 'not reported'}, not overlay2 (Docker's "
+                "containerd image store, or another driver)"
+            )
+        upper = (driver.get("Data") or {}).get("UpperDir")
+        if not upper:
+            raise _NoFastPath("the engine does not report the container's UpperDir")
+        if os.geteuid() != 0:
+            raise _NoFastPath("not running as root: the container's writable layer is root's to read")
+        if not os.path.isdir(upper):
+            raise _NoFastPath(
+                f"the container's UpperDir {upper} is not on this machine (an engine on another host, or in a VM)"
+            )
+        info = _docker(self.engine.json, "GET", "/info")
+        root = info.get("DockerRootDir") or "/var/lib/docker"
+        image_id = self.info.get("Image") or ""
+        path = os.path.join(root, "image", "overlay2", "imagedb", "content", "sha256", image_id.split(":", 1)[-1])
+        try:
+            with open(path, "rb") as f:
+                config = f.read()
+        except OSError as e:
+            raise _NoFastPath(
+                f"the config of the container's image cannot be read from the engine's store ({e})"
+            ) from e
+        if sha256_of(config) != image_id:
+            raise _NoFastPath(f"{path} does not hold the config of image {image_id}")
+        return upper, config
 
     def _result(self):
         return {
@@ -1450,7 +1673,12 @@ class BackupJob:
             "backup_id": None,
             "manifest": None,
             "archive_path": self.archive_path if self.fmt == "docker-archive" else None,
-            "path_taken": "export-flatten" if self.flatten else "commit-save",
+            "path_taken": self.path_taken,
+            "path_reason": self.path_reason,
+            "base_image_stored": False,
+            "chunks_new": 0,
+            "chunks_reused": 0,
+            "paused_seconds": 0.0,
             "bytes_read": 0,
             "bytes_written": 0,
             "layers_new": 0,
@@ -1482,14 +1710,23 @@ class BackupJob:
                 in_store = sum(1 for d in layers if d in index)
                 ids = [m["id"] for m in store.backups_of(self.name)] if os.path.isdir(store.backups) else []
                 remove = ids[: max(0, len(ids) + 1 - self.keep_last)]
+        if self.path_taken == "overlay-upperdir" and in_store < len(layers):
+            result["base_image_stored"] = True  # would be: the image's layers go into the store first
+        how = {
+            "export-flatten": "export and flatten",
+            "commit-save": "commit and save",
+            "overlay-upperdir": "read the writable layer (overlay2 upper directory) of",
+        }[self.path_taken]
         result.update(
             layers_reused=in_store,
             layers_new=result["layer_count"] - in_store,
             removed_backups=remove,
             mounts=[dict(m) for m in self.mounts],
             msg=(
-                f"would {'export and flatten' if self.flatten else 'commit'} container {self.name} "
-                f"({'paused' if self.pause else 'not paused'}), store {result['layers_new']} new layer(s) "
+                f"would {how} container {self.name} ({'paused' if self.pause else 'not paused'})"
+                + (f" ({self.path_reason})" if self.path_reason else "")
+                + (", after storing its image's layers" if result["base_image_stored"] else "")
+                + f", store up to {result['layers_new']} new layer(s) "
                 f"({in_store} already in the store), archive {len(self.mounts)} bind mount(s)"
                 + (f" and remove backup(s) {', '.join(remove)}" if remove else "")
             ),
@@ -1533,6 +1770,7 @@ class BackupJob:
         result = self._result()
         figures = {"bytes_read": 0, "bytes_written": 0, "bytes_discarded": 0}
         with store.lock(exclusive=True, progress=self.progress):
+            self._unpause_after_a_killed_run(store)
             cleaned = store.clean_tmp()
             if cleaned:
                 self.warnings.append(
@@ -1547,9 +1785,15 @@ class BackupJob:
             def archive_mounts():
                 mounts.extend(self._archive_mounts(store, previous, known, figures))
 
-            if self.flatten:
+            layers = None
+            if self.path_taken == "export-flatten":
                 config_bytes, layers, source_id = self._export_layer(store, known, figures, archive_mounts)
-            else:
+            elif self.path_taken == "overlay-upperdir":
+                got = self._upper_layer(store, (known, stored), figures, backup_id, result)
+                if got:
+                    config_bytes, layers, source_id = got
+                    archive_mounts()
+            if layers is None:
                 config_bytes, layers, source_id = self._commit_and_save(
                     store, (known, stored), figures, backup_id, archive_mounts
                 )
@@ -1564,6 +1808,8 @@ class BackupJob:
             result.update(
                 backup_id=backup_id,
                 manifest=path,
+                path_taken=self.path_taken,
+                path_reason=self.path_reason,
                 image_id=manifest["image"]["id"],
                 layer_count=len(layers),
                 layers_new=sum(1 for layer in layers if layer["new"]),
@@ -1585,7 +1831,8 @@ class BackupJob:
             "container": self.name,
             "created": time.time(),
             "created_utc": now_utc(),
-            "path_taken": "export-flatten" if self.flatten else "commit-save",
+            "path_taken": self.path_taken,
+            "path_reason": self.path_reason,
             "flattened": self.flatten,
             "image": {
                 "id": sha256_of(config_bytes),
@@ -1601,6 +1848,93 @@ class BackupJob:
             "run_settings": self.settings,
             "secret_env": self.secrets,
         }
+
+    # the fast path: the writable layer read from the overlay2 upper directory
+
+    def _pause_marker(self, store):
+        return os.path.join(store.tmp, f"paused-{self.info['Id']}")
+
+    def _unpause_after_a_killed_run(self, store):
+        """A backup killed while it held the container paused (SIGKILL: no cleanup) left a marker in tmp/: the
+        container is still frozen. Thaw it (the marker proves gpulab froze it, not its user)."""
+        if not os.path.exists(self._pause_marker(store)):
+            return
+        state = self.info.get("State") or {}
+        if state.get("Paused"):
+            _docker(self.engine.json, "POST", f"/containers/{self.info['Id']}/unpause")
+            state["Paused"] = False
+            self.warnings.append(f"{self.name} was left paused by a backup that was killed: it was unpaused")
+
+    def _upper_layer(self, store, index, figures, backup_id, result):
+        """(config, layers, None) of the container's image plus its writable layer read from the upper directory, or
+        None (self.path_taken and path_reason then say commit-save and why) when the upper directory cannot be read
+        as a layer. The image's layers are saved into the store first when it lacks some (no pause, no commit)."""
+        known, stored = index
+        if any(d not in stored for d in self.base_layers):
+            self.progress.set("save: the container's image, into the store")
+            self.base_config, base = self._save_image(store, index, figures, self.info["Image"], None)
+            result["base_image_stored"] = True
+        else:
+            base = [dict(stored[d], new=False) for d in self.base_layers]
+        self.progress.set("reading the writable layer", upper=self.upper)
+        writer = ChunkedLayerWriter(store, known, self.level, self.progress)
+        paused = False
+        state = self.info.get("State") or {}
+        try:
+            if self.pause and state.get("Running") and not state.get("Paused"):
+                marker = self._pause_marker(store)
+                with open(marker, "wb") as f:  # empty; fsynced: it must outlive a SIGKILL
+                    os.fsync(f.fileno())
+                fsync_dir(store.tmp)
+                _docker(self.engine.json, "POST", f"/containers/{self.info['Id']}/pause")
+                paused = time.monotonic()
+            try:
+                stats = overlay.write_layer(
+                    self.upper, writer, progress=lambda st: self.progress.update(bytes_read=st["bytes"])
+                )
+            finally:
+                if paused:
+                    _docker(self.engine.json, "POST", f"/containers/{self.info['Id']}/unpause")
+                    result["paused_seconds"] = round(time.monotonic() - paused, 2)
+                    os.unlink(self._pause_marker(store))
+            self.progress.set("compressing the new chunks", bytes_written=0, chunks_new=writer.chunks_new)
+            blobs, written = writer.finish()
+        except (overlay.UnsupportedOverlay, OSError) as e:
+            writer.abort()
+            self.path_taken, self.path_reason = "commit-save", f"the writable layer could not be read as a layer: {e}"
+            self.warnings.append(f"{self.name}: {self.path_reason}; the backup commits and saves the container instead")
+            return None
+        except BaseException:
+            writer.abort()
+            raise
+        figures["bytes_read"] += stats["tar_bytes"]
+        figures["bytes_written"] += written
+        result["chunks_new"] = writer.chunks_new
+        result["chunks_reused"] = writer.chunks_reused
+        layer = {"diff_id": stats["diff_id"], "size": stats["tar_bytes"], "blobs": blobs, "new": bool(written)}
+        config = self._upper_config(stats["diff_id"], backup_id)
+        return config, [*base, layer], None
+
+    def _upper_config(self, diff_id, backup_id):
+        """The image config `docker commit` would write: the container's image's, with the container's config, one
+        more layer and one more history entry."""
+        image = json.loads(self.base_config)
+        now = now_utc()
+        config = {k: v for k, v in (self.info.get("Config") or {}).items() if k in (*CONFIG_KEYS, "Image")}
+        config["Env"] = self.settings["config"]["Env"]  # without the secret values
+        for key in ("container", "container_config", "id", "parent"):
+            image.pop(key, None)
+        image.update(created=now, config=config)
+        image["rootfs"] = {"type": "layers", "diff_ids": [*self.base_layers, diff_id]}
+        image["history"] = [
+            *(image.get("history") or []),
+            {
+                "created": now,
+                "created_by": f"gpulab container_backup: the writable layer of {self.name}",
+                "comment": f"gpulab backup {backup_id} of {self.name}",
+            },
+        ]
+        return json.dumps(image, separators=(",", ":")).encode()
 
     def _commit(self, backup_id, repo=None, tag=None):
         self.progress.set("commit")
@@ -1623,39 +1957,44 @@ class BackupJob:
     def _commit_and_save(self, store, index, figures, backup_id, while_exporting):
         image_id = self._commit(backup_id)
         try:
-            expected = (_docker(self.engine.image, image_id) or {}).get("RootFS", {}).get("Layers")
-            guess = True
-            while True:
-                pending = _docker(self.engine.start_get, f"/images/{api.quoted(image_id)}/get")
-                if while_exporting:  # the engine writes the whole image to a folder of its own before it answers
-                    while_exporting()
-                    while_exporting = None
-                self.progress.set("save: the engine exports the image")
-                resp = _docker(pending.response)
-                self.progress.set("save")
-                ingest = SaveIngest(
-                    store,
-                    index[0],
-                    stored=index[1],
-                    expected=expected,
-                    level=self.level,
-                    guess_by_size=guess,
-                    progress=self.progress,
-                )
-                try:
-                    config_bytes, layers = ingest.read(resp)
-                except _GuessedWrong as e:
-                    self.warnings.append(f"{e} was not the layer its size suggested: the image was read again")
-                    guess = False
-                    continue
-                finally:
-                    resp.close()
-                    figures["bytes_read"] += ingest.reader.bytes_read if ingest.reader else 0
-                    figures["bytes_written"] += ingest.bytes_written
-                    figures["bytes_discarded"] += ingest.bytes_discarded
-                return config_bytes, layers, image_id
+            config_bytes, layers = self._save_image(store, index, figures, image_id, while_exporting)
+            return config_bytes, layers, image_id
         finally:
             self._remove_image(image_id)
+
+    def _save_image(self, store, index, figures, image_id, while_exporting):
+        """Store the layers of an image from GET /images/<id>/get; returns (its config, its layer entries)."""
+        expected = (_docker(self.engine.image, image_id) or {}).get("RootFS", {}).get("Layers")
+        guess = True
+        while True:
+            pending = _docker(self.engine.start_get, f"/images/{api.quoted(image_id)}/get")
+            if while_exporting:  # the engine writes the whole image to a folder of its own before it answers
+                while_exporting()
+                while_exporting = None
+            self.progress.set("save: the engine exports the image")
+            resp = _docker(pending.response)
+            self.progress.set("save")
+            ingest = SaveIngest(
+                store,
+                index[0],
+                stored=index[1],
+                expected=expected,
+                level=self.level,
+                guess_by_size=guess,
+                progress=self.progress,
+            )
+            try:
+                config_bytes, layers = ingest.read(resp)
+            except _GuessedWrong as e:
+                self.warnings.append(f"{e} was not the layer its size suggested: the image was read again")
+                guess = False
+                continue
+            finally:
+                resp.close()
+                figures["bytes_read"] += ingest.reader.bytes_read if ingest.reader else 0
+                figures["bytes_written"] += ingest.bytes_written
+                figures["bytes_discarded"] += ingest.bytes_discarded
+            return config_bytes, layers
 
     def _export_stream(self, consume):
         """GET /containers/<id>/export (the container's whole file system), paused while it is read."""
@@ -1878,6 +2217,44 @@ def _verify_blob(store, blob, what, content):
     return None
 
 
+BATCH_VERIFY_SIZE = 8 * 1024 * 1024
+BATCH_VERIFY_FILES = 256
+
+
+def _verify_batch(store, items):
+    """True when every blob of items (small ones with a content check) has its stored sha256, and `zstd -dc` of all of
+    them, cut by their sizes, gives each one's content sha256."""
+    try:
+        if any(file_sha256(store.blob_path(blob["digest"])) != blob["stored_digest"] for blob, _, _ in items):
+            return False
+    except FileNotFoundError:
+        return False
+    reader = BlobReader(store.blob_path(blob["digest"]) for blob, _, _ in items)
+    good = False
+    try:
+        good = all(_read_digest(reader, blob["size"]) == blob["digest"] for blob, _, _ in items) and not reader.read(1)
+    except BackupError:
+        good = False
+    finally:
+        try:
+            reader.close(check=good)
+        except BackupError:
+            good = False
+    return good
+
+
+def _read_digest(reader, size):
+    """sha256 of the next `size` bytes of reader (None when it ends before)."""
+    digest = hashlib.sha256()
+    while size:
+        data = reader.read(min(size, CHUNK))
+        if not data:
+            return None
+        digest.update(data)
+        size -= len(data)
+    return "sha256:" + digest.hexdigest()
+
+
 def verify_backup(store, manifest, *, layer_content=True, mount_content=True, progress=None, workers=2):
     """Check the blobs of a backup: every one present, with its size and the sha256 of its stored file; and the sha256
     of what it decompresses to, for the layers (layer_content) and the bind-mount archives (mount_content). Raises
@@ -1898,16 +2275,32 @@ def verify_backup(store, manifest, *, layer_content=True, mount_content=True, pr
     done = {"bytes": 0}
     lock = threading.Lock()
 
-    def check(item):
-        problem = _verify_blob(store, *item)
+    def tick(items):
         with lock:
-            done["bytes"] += item[0]["stored_size"]
+            done["bytes"] += sum(item[0]["stored_size"] for item in items)
             if progress:
                 progress.update(verified_bytes=done["bytes"])
-        return problem
 
+    def check(item):
+        problem = _verify_blob(store, *item)
+        tick([item])
+        return [problem] if problem else []
+
+    def check_batch(
+        items,
+    ):  # small blobs (a layer's chunks): one zstd for many; a failing batch is checked blob by blob
+        if _verify_batch(store, items):
+            tick(items)
+            return []
+        return [p for item in items for p in check(item)]
+
+    big = [item for item in todo if not item[2] or item[0]["stored_size"] > BATCH_VERIFY_SIZE]
+    small = [item for item in todo if item[2] and item[0]["stored_size"] <= BATCH_VERIFY_SIZE]
+    work = [(check, item) for item in big] + [
+        (check_batch, small[i : i + BATCH_VERIFY_FILES]) for i in range(0, len(small), BATCH_VERIFY_FILES)
+    ]
     with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        problems = [p for p in pool.map(check, todo) if p]
+        problems = [p for found in pool.map(lambda job: job[0](job[1]), work) for p in found]
     if problems:
         raise BackupError(
             f"backup {manifest['id']} of {manifest['container']} is damaged; nothing was changed: "
@@ -2098,7 +2491,7 @@ class RestoreJob:
             "workdir_restored": [],
             "replaced_container": False,
             "container_id": None,
-            "started": False,
+            "container_started": False,
             "seconds": 0.0,
             "warnings": self.warnings,
         }
@@ -2152,11 +2545,11 @@ class RestoreJob:
                 raise BackupError(
                     f"{self.name} was restored from backup {manifest['id']} and created, but does not start: {e}"
                 ) from e
-            result["started"] = True
+            result["container_started"] = True
         result["msg"] = (
             f"restored {self.name} from backup {manifest['id']}"
             + (" (replacing the existing container)" if existing else "")
-            + (", started" if result["started"] else "")
+            + (", started" if result["container_started"] else "")
         )
 
     def _present_prefix(self, diff_ids):
@@ -2297,6 +2690,7 @@ def _parser():
     backup.add_argument("--secret-env", action="append", help="name pattern of secret variables (repeat)")
     backup.add_argument("--format", choices=["store", "docker-archive"], default="store")
     backup.add_argument("--archive-path")
+    backup.add_argument("--no-fast-path", action="store_true", help="always commit + save (no overlay2 upper dir read)")
     restore = sub.add_parser("restore", help="restore a container from the store")
     restore.add_argument("--store", required=True)
     restore.add_argument("--container", required=True)
@@ -2359,6 +2753,7 @@ def main(argv=None):
                 docker_host=args.docker_host,
                 timeout=args.timeout,
                 progress_file=args.progress_file,
+                fast_path=not args.no_fast_path,
             )
             print(json.dumps(job.run(), sort_keys=True), flush=True)
         except (BackupError, api.DockerApiError) as e:

@@ -1,5 +1,5 @@
 """Tests of module_utils/gpulab_overlay.py: an overlay upper directory made here, written as a layer tar and read back
-with Python's tarfile; and the content-defined chunker.
+with Python's tarfile; and the member-aligned content-defined chunker.
 
 Run as root (mknod, chown, trusted.* xattrs); cases the filesystem here refuses are skipped, not failed.
 """
@@ -234,7 +234,7 @@ def test_metacopy_is_refused(tmp_path):
 
 # ---- chunker -------------------------------------------------------------------------------------------------------
 
-SIZES = {"min_size": 16 * 1024, "avg_size": 64 * 1024, "max_size": 256 * 1024}
+SIZES = {"min_size": 16 * 1024, "max_size": 128 * 1024, "piece": 32 * 1024}
 
 
 def pseudo_random(size, seed):
@@ -242,63 +242,90 @@ def pseudo_random(size, seed):
     return hashlib.shake_256(seed).digest(size)
 
 
-def chunk_list(data, use="python", **sizes):
-    return list(go.chunks(io.BytesIO(data), use=use, **(sizes or SIZES)))
+def tree(root, files):
+    """files: name -> bytes, written below root (folders made as needed), all with the same mtime."""
+    for name, data in files.items():
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    for path in [root, *root.rglob("*")]:
+        os.utime(path, (1_700_000_000, 1_700_000_000))
+    return root
 
 
-def implementations():
-    return ["python", "pyfastcdc"] if go.CHUNKER == "pyfastcdc" else ["python"]
+def chunked(root):
+    """(chunks, layer bytes, stats) of write_layer through a MemberChunker."""
+    got = []
 
-
-@pytest.mark.parametrize("use", implementations())
-def test_chunks_content_defined(use):
-    data = pseudo_random(4 * 1024 * 1024, b"seven")
-    first = chunk_list(data, use)
-    assert b"".join(first) == data
-    assert chunk_list(data, use) == first
-    for chunk in first[:-1]:
-        assert SIZES["min_size"] <= len(chunk) <= SIZES["max_size"]
-    assert 0 < len(first[-1]) <= SIZES["max_size"]
-    assert 16 <= len(first) <= 256  # about avg_size on average
-
-    middle = len(data) // 2
-    changed = data[:middle] + b"!" + data[middle:]
-    second = chunk_list(changed, use)
-    assert b"".join(second) == changed
-    for chunk in second[:-1]:
-        assert SIZES["min_size"] <= len(chunk) <= SIZES["max_size"]
-    before = {sha(c) for c in first}
-    unchanged = sum(sha(c) in before for c in second)
-    assert unchanged / len(second) > 0.8, (unchanged, len(second))
-    assert len(second) - unchanged <= 3
-
-
-def test_chunks_edges():
-    assert chunk_list(b"") == []
-    assert chunk_list(b"x") == [b"x"]
-    zeros = b"\0" * (1024 * 1024 + 5)  # no content boundary: cut at max_size
-    got = chunk_list(zeros)
-    assert b"".join(got) == zeros
-    assert [len(c) for c in got[:-1]] == [SIZES["max_size"]] * (len(got) - 1)
-    with pytest.raises(ValueError):
-        chunk_list(b"x", min_size=10, avg_size=5, max_size=20)
-
-
-def test_chunks_of_short_reads():
-    """A stream that returns less than asked (a pipe) gives the same chunks."""
-    data = pseudo_random(1024 * 1024, b"three")
-
-    class Trickle(io.RawIOBase):
+    class Out:
         def __init__(self):
-            self.pos = 0
+            self.chunker = go.MemberChunker(got.append, **SIZES)
+            self.layer = io.BytesIO()
 
-        def readable(self):
-            return True
+        def write(self, data):
+            self.layer.write(data)
+            return self.chunker.write(data)
 
-        def read(self, n=-1):
-            n = min(n, 1000)
-            piece = data[self.pos : self.pos + n]
-            self.pos += len(piece)
-            return piece
+        def mark(self, name, size):
+            self.chunker.mark(name, size)
 
-    assert list(go.chunks(Trickle(), use="python", **SIZES)) == chunk_list(data)
+    out = Out()
+    stats = go.write_layer(root, out)
+    out.chunker.close()
+    return got, out.layer.getvalue(), stats
+
+
+def small_files(count, seed):
+    return {
+        f"lib/pkg{i % 7}/module_{i:04d}.py": pseudo_random(2000 + (i * 37) % 3000, seed + b"%d" % i)
+        for i in range(count)
+    }
+
+
+def test_chunks_join_into_the_layer_and_are_bounded(tmp_path):
+    files = small_files(300, b"a")
+    files["data/weights.bin"] = pseudo_random(200 * 1024, b"w")  # a large file: pieces of its own
+    got, layer, stats = chunked(tree(tmp_path / "u", files))
+    assert b"".join(got) == layer
+    assert "sha256:" + sha(layer) == stats["diff_id"]
+    assert len(got) > 5
+    for chunk in got:
+        assert len(chunk) <= SIZES["max_size"] + 8 * 1024  # at most one small member past max_size
+    pieces = [c for c in got if b"weights.bin" in c[:1024]]
+    assert len(pieces) == 1 and len(pieces[0]) == SIZES["piece"]  # the large file's first piece starts at its header
+    assert chunked(tmp_path / "u")[0] == got  # the same tree, the same chunks
+
+
+@pytest.mark.parametrize(
+    "change",
+    ["add a file", "modify a small file", "delete a file", "modify a large file in place", "append to a large file"],
+)
+def test_a_small_change_changes_few_chunks(tmp_path, change):
+    files = small_files(600, b"b")
+    files["data/weights.bin"] = pseudo_random(20 * SIZES["piece"], b"w")
+    before, layer_before, _ = chunked(tree(tmp_path / "before", files))
+    changed = dict(files)
+    if change == "add a file":
+        changed["lib/pkg3/new_module.py"] = pseudo_random(3000, b"new")
+    elif change == "modify a small file":
+        changed["lib/pkg2/module_0300.py"] = pseudo_random(3001, b"mod")
+    elif change == "delete a file":
+        del changed["lib/pkg4/module_0305.py"]
+    elif change == "modify a large file in place":
+        data = bytearray(files["data/weights.bin"])
+        data[7 * SIZES["piece"] + 100 : 7 * SIZES["piece"] + 200] = b"\xff" * 100
+        changed["data/weights.bin"] = bytes(data)
+    else:
+        changed["data/weights.bin"] = files["data/weights.bin"] + b"tail"
+    after, layer_after, _ = chunked(tree(tmp_path / "after", changed))
+    assert layer_after != layer_before
+    old = {sha(c) for c in before}
+    new_bytes = sum(len(c) for c in after if sha(c) not in old)
+    # the change itself, and the chunk or two around it (each at most max_size plus a member)
+    assert new_bytes <= 2 * (SIZES["max_size"] + 8 * 1024), (change, new_bytes, len(layer_after))
+    assert new_bytes < len(layer_after) / 4
+
+
+def test_chunker_checks_sizes():
+    with pytest.raises(ValueError):
+        go.MemberChunker(print, min_size=4096, max_size=1024)
