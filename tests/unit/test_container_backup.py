@@ -324,6 +324,29 @@ def test_flatten_when_the_image_nears_the_layer_limit(container, tmp_path):
     assert image["Config"]["Cmd"] == ["/bin/sleep", "infinity"]
 
 
+def test_backup_restore_cycles_add_one_layer_each_until_the_guard_flattens(container, tmp_path):
+    """Each backup/restore cycle through the fast path adds exactly one layer (the writable one on top of the restored
+    image's); at flatten_threshold the backup flattens instead, and the cycles go on from one layer."""
+    store = tmp_path / "store"
+    counts, paths = [], []
+    for cycle in range(5):
+        sh("docker", "exec", container["name"], "sh", "-c", f"echo {cycle} > /root/cycle-{cycle}.txt")
+        result = backup(container, store, flatten_threshold=5, include_workdir=False)
+        counts.append(result["layer_count"])
+        paths.append(result["path_taken"])
+        config = json.loads(read_json(result["manifest"])["image"]["config"])
+        history = [h for h in config["history"] if not h.get("empty_layer")]
+        assert len(history) == len(config["rootfs"]["diff_ids"]) == result["layer_count"]  # what docker history reads
+        restored = restore(container, store, force=True, restore_workdir=False)
+        assert len(inspect(restored["image"], "image")["RootFS"]["Layers"]) == result["layer_count"]
+        files = sh("docker", "exec", container["name"], "sh", "-c", "cat /root/cycle-*.txt")
+        assert files.split() == [str(i) for i in range(cycle + 1)]  # every cycle's change is still there
+    # tiny image: 2 layers; +1 per cycle; the image of the third cycle's container has 4, so its backup would have 5:
+    # flattened to 1; then +1 again.
+    assert counts == [3, 4, 1, 2, 3]
+    assert paths == ["overlay-upperdir", "overlay-upperdir", "export-flatten", "overlay-upperdir", "overlay-upperdir"]
+
+
 def test_docker_archive_loads_with_docker_load(container, tmp_path):
     path = tmp_path / "alice.tar"
     result = run_module(

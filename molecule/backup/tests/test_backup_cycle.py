@@ -144,6 +144,12 @@ def test_backups_ran_and_the_copy_grew_by_little_the_second_time(cycle):
     first, second = cycle["sizes"]
     assert first > 300 * 2**20  # the image's layers, compressed: hundreds of MiB
     assert second - first < 0.05 * first, (first, second)  # one small new layer, the new manifests
+    # Both backups read the writable layers from their overlay2 upper directories (the fast path); the first saved the
+    # image's layers into the store before.
+    for name in USERS:
+        manifests = [json.loads(p.read_text()) for p in COPY.glob(f"*/backups/notebook-{name}/*.json")]
+        assert [m["path_taken"] for m in sorted(manifests, key=lambda m: m["created"])] == ["overlay-upperdir"] * 2
+    assert "notebook-student1: backup" in cycle["second"].text and "(overlay-upperdir)" in cycle["second"].text
 
 
 def test_the_backup_timer_is_set_up(host):
