@@ -13,17 +13,16 @@ One module-scoped fixture runs the cycle the way a lab lives it, and the tests c
 
 import json
 import os
-import re
 import secrets
 import shlex
-import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-PROJECT_DIR = Path(os.environ.get("MOLECULE_PROJECT_DIRECTORY", Path(__file__).resolve().parents[3]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "shared" / "tests"))
+from playbook_run import PROJECT_DIR, run_playbook
+
 EPHEMERAL = Path(os.environ["MOLECULE_EPHEMERAL_DIRECTORY"])
 COPY = EPHEMERAL / "backups"
 CLIENT = PROJECT_DIR / "molecule" / "shared" / "tests" / "jupyter_client.py"
@@ -36,28 +35,8 @@ USERS = {
 }
 
 
-class Run:
-    """One ansible-playbook run: return code, whitespace-normalised output, the host's recap."""
-
-    def __init__(self, proc, hostname):
-        self.rc = proc.returncode
-        self.raw = proc.stdout + proc.stderr
-        self.text = " ".join(self.raw.replace("\\n", " ").split())
-        recap = re.search(
-            rf"{re.escape(hostname)}\s*:\s*ok=(\d+)\s+changed=(\d+)\s+unreachable=(\d+)\s+failed=(\d+)", self.raw
-        )
-        assert recap, self.raw[-3000:]
-        self.ok, self.changed, self.unreachable, self.failed = (int(n) for n in recap.groups())
-
-
 def play(hostname, playbook, extra_vars=None):
-    playbook_bin = shutil.which("ansible-playbook", path=str(Path(sys.executable).parent)) or "ansible-playbook"
-    command = [playbook_bin, "-i", os.environ["MOLECULE_INVENTORY_FILE"], str(PROJECT_DIR / playbook)]
-    if extra_vars:
-        command += ["-e", json.dumps(extra_vars)]
-    env = dict(os.environ, ANSIBLE_NOCOLOR="1", ANSIBLE_FORCE_COLOR="0")
-    proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=1800, check=False)
-    return Run(proc, hostname)
+    return run_playbook(hostname, playbook, extra_vars, timeout=1800)
 
 
 def copy_size():

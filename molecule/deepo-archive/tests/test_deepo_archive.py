@@ -7,40 +7,21 @@ again: a run that loads nothing, then a wrong deepo_image_archive_sha256, a trun
 which must fail with a clear message and load nothing.
 """
 
-import json
 import os
-import re
-import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-PROJECT_DIR = Path(os.environ.get("MOLECULE_PROJECT_DIRECTORY", Path(__file__).resolve().parents[3]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "shared" / "tests"))
+from playbook_run import gpu_servers_inventory, run_playbook
+
 ARCHIVES = Path(os.environ["MOLECULE_EPHEMERAL_DIRECTORY"]) / "archives"
 IMAGES = {
     "gpulab-test/deepo:all-py38-cpu": "deepo",
     "gpulab-test/cuda-base:12": "cuda-base",
     "gpulab-test/tools:1": "tools",
 }
-
-
-class Run:
-    """One ansible-playbook run: return code, whitespace-normalised output, the host's recap."""
-
-    def __init__(self, proc, hostname):
-        self.rc = proc.returncode
-        self.raw = proc.stdout + proc.stderr
-        self.text = " ".join(self.raw.replace("\\n", " ").split())
-        recap = re.search(
-            rf"{re.escape(hostname)}\s*:\s*ok=(\d+)\s+changed=(\d+)\s+unreachable=(\d+)\s+failed=(\d+)", self.raw
-        )
-        assert recap, self.raw[-3000:]
-        self.ok, self.changed, self.unreachable, self.failed = (int(n) for n in recap.groups())
-
-    def __contains__(self, words):
-        return " ".join(words.split()) in self.text
 
 
 @pytest.fixture(scope="module")
@@ -51,16 +32,13 @@ def hostname(host):
 @pytest.fixture(scope="module")
 def deepo_play(hostname, tmp_path_factory):
     """Run playbooks/deepo.yml against the instance (in group gpu_servers) with extra vars; returns a Run."""
-    groups = tmp_path_factory.mktemp("inventory") / "gpu_servers.yml"
-    groups.write_text(json.dumps({"gpu_servers": {"hosts": {hostname: {"ansible_become": False}}}}))
-    playbook_bin = shutil.which("ansible-playbook", path=str(Path(sys.executable).parent)) or "ansible-playbook"
-    env = dict(os.environ, ANSIBLE_NOCOLOR="1", ANSIBLE_FORCE_COLOR="0", ANSIBLE_CALLBACK_RESULT_FORMAT="json")
+    groups = gpu_servers_inventory(tmp_path_factory.mktemp("inventory") / "gpu_servers.yml", hostname)
 
     def run(extra_vars, *options):
-        command = [playbook_bin, "-i", os.environ["MOLECULE_INVENTORY_FILE"], "-i", str(groups)]
-        command += [*options, "-e", json.dumps(extra_vars), str(PROJECT_DIR / "playbooks" / "deepo.yml")]
-        proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300, check=False)
-        return Run(proc, hostname)
+        return run_playbook(
+            hostname, "playbooks/deepo.yml", extra_vars, *options, inventories=[groups],
+            env={"ANSIBLE_CALLBACK_RESULT_FORMAT": "json"}, timeout=300,
+        )  # fmt: skip
 
     return run
 

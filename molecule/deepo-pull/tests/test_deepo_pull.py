@@ -8,44 +8,26 @@ auto: the CPU tag) and gpulab-test/mirrored:1 by its Docker Hub name, which only
 """
 
 import json
-import os
 import re
-import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-PROJECT_DIR = Path(os.environ.get("MOLECULE_PROJECT_DIRECTORY", Path(__file__).resolve().parents[3]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "shared" / "tests"))
+from playbook_run import gpu_servers_inventory, run_playbook
+
 BUILD = "/var/tmp/gpulab-deepo-pull"
 MAIN = "127.0.0.1:5000/gpulab-test/deepo:all-py38-cpu"
-
-
-class Run:
-    def __init__(self, proc, hostname):
-        self.rc = proc.returncode
-        self.raw = proc.stdout + proc.stderr
-        recap = re.search(
-            rf"{re.escape(hostname)}\s*:\s*ok=(\d+)\s+changed=(\d+)\s+unreachable=(\d+)\s+failed=(\d+)", self.raw
-        )
-        assert recap, self.raw[-3000:]
-        self.ok, self.changed, self.unreachable, self.failed = (int(n) for n in recap.groups())
 
 
 @pytest.fixture(scope="module")
 def deepo_play(host, tmp_path_factory):
     hostname = host.backend.host
-    groups = tmp_path_factory.mktemp("inventory") / "gpu_servers.yml"
-    groups.write_text(json.dumps({"gpu_servers": {"hosts": {hostname: {"ansible_become": False}}}}))
-    playbook_bin = shutil.which("ansible-playbook", path=str(Path(sys.executable).parent)) or "ansible-playbook"
-    env = dict(os.environ, ANSIBLE_NOCOLOR="1", ANSIBLE_FORCE_COLOR="0")
+    groups = gpu_servers_inventory(tmp_path_factory.mktemp("inventory") / "gpu_servers.yml", hostname)
 
     def run(extra_vars):
-        command = [playbook_bin, "-i", os.environ["MOLECULE_INVENTORY_FILE"], "-i", str(groups)]
-        command += ["-e", json.dumps(extra_vars), str(PROJECT_DIR / "playbooks" / "deepo.yml")]
-        proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300, check=False)
-        return Run(proc, hostname)
+        return run_playbook(hostname, "playbooks/deepo.yml", extra_vars, inventories=[groups], timeout=300)
 
     return run
 

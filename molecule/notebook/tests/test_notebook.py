@@ -17,7 +17,6 @@ import os
 import re
 import secrets
 import shlex
-import shutil
 import socket
 import subprocess
 import sys
@@ -29,8 +28,8 @@ import testinfra
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "shared" / "tests"))
 from jupyter_client import Jupyter
+from playbook_run import PROJECT_DIR, run_playbook
 
-PROJECT_DIR = Path(os.environ.get("MOLECULE_PROJECT_DIRECTORY", Path(__file__).resolve().parents[3]))
 EPHEMERAL = Path(os.environ["MOLECULE_EPHEMERAL_DIRECTORY"])
 KEY = EPHEMERAL / "ssh" / "id_ed25519"
 CLIENT = Path(__file__).resolve().parents[2] / "shared" / "tests" / "jupyter_client.py"
@@ -39,23 +38,6 @@ CONFIG_MOUNT = "/etc/gpulab-notebook"
 NAMES = ["student1", "student2"]
 H200_UUID = "GPU-00000000-1111-2222-3333-444444444444"
 NOTES = f"notes-{secrets.token_hex(4)}.txt"  # a new file in each run (the contents API answers 201 to a new one)
-
-
-class Run:
-    """One ansible-playbook run: return code, whitespace-normalised output, the host's recap."""
-
-    def __init__(self, proc, hostname):
-        self.rc = proc.returncode
-        self.raw = proc.stdout + proc.stderr
-        self.text = " ".join(self.raw.replace("\\n", " ").split())
-        recap = re.search(
-            rf"{re.escape(hostname)}\s*:\s*ok=(\d+)\s+changed=(\d+)\s+unreachable=(\d+)\s+failed=(\d+)", self.raw
-        )
-        assert recap, self.raw[-3000:]
-        self.ok, self.changed, self.unreachable, self.failed = (int(n) for n in recap.groups())
-
-    def __contains__(self, words):
-        return " ".join(words.split()) in self.text
 
 
 @pytest.fixture(scope="module")
@@ -88,22 +70,15 @@ def sheet(hostname):
 @pytest.fixture(scope="module")
 def notebook_play(hostname):
     """Run playbooks/notebook.yml against the instance with extra vars; returns a Run."""
-    playbook_bin = shutil.which("ansible-playbook", path=str(Path(sys.executable).parent)) or "ansible-playbook"
-    env = dict(
-        os.environ,
-        ANSIBLE_ROLES_PATH=str(PROJECT_DIR / "roles"),
-        ANSIBLE_LIBRARY=str(PROJECT_DIR / "library"),
-        ANSIBLE_MODULE_UTILS=str(PROJECT_DIR / "module_utils"),
-        ANSIBLE_NOCOLOR="1",
-        ANSIBLE_FORCE_COLOR="0",
-        ANSIBLE_CALLBACK_RESULT_FORMAT="json",
-    )
+    env = {
+        "ANSIBLE_ROLES_PATH": str(PROJECT_DIR / "roles"),
+        "ANSIBLE_LIBRARY": str(PROJECT_DIR / "library"),
+        "ANSIBLE_MODULE_UTILS": str(PROJECT_DIR / "module_utils"),
+        "ANSIBLE_CALLBACK_RESULT_FORMAT": "json",
+    }
 
     def run(extra_vars, *options):
-        command = [playbook_bin, "-i", os.environ["MOLECULE_INVENTORY_FILE"], *options]
-        command += ["-e", json.dumps(extra_vars), str(PROJECT_DIR / "playbooks" / "notebook.yml")]
-        proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=400, check=False)
-        return Run(proc, hostname)
+        return run_playbook(hostname, "playbooks/notebook.yml", extra_vars, *options, env=env)
 
     return run
 

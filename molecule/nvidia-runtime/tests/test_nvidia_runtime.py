@@ -15,16 +15,15 @@ the real H200's output, last in check mode, which must find nothing left to chan
 
 import hashlib
 import json
-import os
-import re
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-PROJECT_DIR = Path(os.environ.get("MOLECULE_PROJECT_DIRECTORY", Path(__file__).resolve().parents[3]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "shared" / "tests"))
+from playbook_run import PROJECT_DIR, gpu_servers_inventory, run_playbook
+
 STANDIN_DIR = "/srv/gpulab-nvidia/debs"  # where prepare built the stand-in .debs
 ADMIN_KEYS = {"max-concurrent-downloads": 7, "labels": ["gpulab-test=admin-key"]}
 NO_GPU = "No nvidia-smi was found on this host, so no NVIDIA driver is installed"
@@ -50,23 +49,6 @@ def snapshot(host):
     }
 
 
-class Run:
-    """The result of one ansible-playbook run: return code, whitespace-normalised output, the host's recap."""
-
-    def __init__(self, proc, hostname):
-        self.rc = proc.returncode
-        self.raw = proc.stdout + proc.stderr
-        self.text = " ".join(self.raw.replace("\\n", " ").split())
-        recap = re.search(
-            rf"{re.escape(hostname)}\s*:\s*ok=(\d+)\s+changed=(\d+)\s+unreachable=(\d+)\s+failed=(\d+)", self.raw
-        )
-        assert recap, self.raw[-3000:]
-        self.ok, self.changed, self.unreachable, self.failed = (int(n) for n in recap.groups())
-
-    def __contains__(self, words):
-        return " ".join(words.split()) in self.text
-
-
 @pytest.fixture(scope="module")
 def hostname(host):
     return host.backend.host
@@ -75,17 +57,13 @@ def hostname(host):
 @pytest.fixture(scope="module")
 def nvidia_play(hostname, tmp_path_factory):
     """Run playbooks/nvidia.yml against the instance (in group gpu_servers) with extra vars; returns a Run."""
-    groups = tmp_path_factory.mktemp("inventory") / "gpu_servers.yml"
-    # The instance in group gpu_servers; the play says become: true, but ansible connects as root here (no sudo).
-    groups.write_text(json.dumps({"gpu_servers": {"hosts": {hostname: {"ansible_become": False}}}}))
-    playbook_bin = shutil.which("ansible-playbook", path=str(Path(sys.executable).parent)) or "ansible-playbook"
-    env = dict(os.environ, ANSIBLE_NOCOLOR="1", ANSIBLE_FORCE_COLOR="0", ANSIBLE_CALLBACK_RESULT_FORMAT="json")
+    groups = gpu_servers_inventory(tmp_path_factory.mktemp("inventory") / "gpu_servers.yml", hostname)
 
     def run(extra_vars, *options):
-        command = [playbook_bin, "-i", os.environ["MOLECULE_INVENTORY_FILE"], "-i", str(groups)]
-        command += [*options, "-e", json.dumps(extra_vars), str(PROJECT_DIR / "playbooks" / "nvidia.yml")]
-        proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=400, check=False)
-        return Run(proc, hostname)
+        return run_playbook(
+            hostname, "playbooks/nvidia.yml", extra_vars, *options, inventories=[groups],
+            env={"ANSIBLE_CALLBACK_RESULT_FORMAT": "json"},
+        )  # fmt: skip
 
     return run
 
