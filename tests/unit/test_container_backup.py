@@ -450,3 +450,50 @@ def test_the_command_line_of_the_systemd_timer(container, tmp_path):
     )  # fmt: skip
     assert bad.returncode == 1
     assert "backup of gpulab-unittest-nope failed: no container named gpulab-unittest-nope" in bad.stderr
+
+
+def test_why_the_fast_path_is_not_taken(container, tmp_path):
+    """Each reason the backup falls back to commit + save, on the container's real inspect data changed one way."""
+    job = gb.BackupJob(container=container["name"], store=str(tmp_path / "store"))
+    job.inspect()
+    assert job.path_taken == "overlay-upperdir" and job.path_reason is None
+    real = job.info
+
+    def reason(**graph_driver):
+        job.info = {**real, "GraphDriver": {**real["GraphDriver"], **graph_driver}}
+        upper, config, why = job._fast_path_check()
+        assert upper is None and config is None
+        return why
+
+    assert "storage driver is overlayfs, not overlay2" in reason(Name="overlayfs")  # containerd image store
+    assert "storage driver is vfs, not overlay2" in reason(Name="vfs")
+    assert "does not report the container's UpperDir" in reason(Data={})
+    assert "is not on this machine" in reason(Data={"UpperDir": str(tmp_path / "elsewhere")})
+    job.info = {**real, "Image": "sha256:" + "0" * 64}
+    assert "config of the container's image cannot be read" in job._fast_path_check()[2]
+    job.info = real
+    job.fast_path = False
+    assert job._fast_path_check()[2] == "fast_path is off"
+    archive = gb.BackupJob(container=container["name"], fmt="docker-archive", archive_path=str(tmp_path / "a.tar"))
+    archive.inspect()
+    assert archive.path_taken == "commit-save" and "docker-archive" in archive.path_reason
+
+
+def test_an_upper_dir_a_layer_cannot_represent_falls_back_to_commit_save(container, tmp_path):
+    """overlay's metacopy (file data left in a lower layer) cannot be written as a layer from the upper directory: the
+    backup says so and takes the commit + save path, and the backup restores."""
+    upper = Path(inspect(container["name"])["GraphDriver"]["Data"]["UpperDir"])
+    marked = upper / "root" / "package.txt"
+    try:
+        os.setxattr(marked, "trusted.overlay.metacopy", b"")
+    except OSError as e:
+        pytest.skip(f"this filesystem refuses trusted.* xattrs: {e}")
+    result = backup(container, tmp_path / "store", include_workdir=False)
+    assert result["path_taken"] == "commit-save"
+    assert "could not be read as a layer" in result["path_reason"] and "metacopy" in result["path_reason"]
+    assert any("commits and saves the container instead" in n for n in result["notices"])
+    assert os.listdir(tmp_path / "store" / "tmp") == []  # the chunks of the abandoned attempt are gone
+    assert inspect(container["name"])["State"]["Paused"] is False
+    os.removexattr(marked, "trusted.overlay.metacopy")
+    restore(container, tmp_path / "store", force=True, restore_workdir=False)
+    assert sh("docker", "exec", container["name"], "cat", "/root/package.txt") == "installed"
