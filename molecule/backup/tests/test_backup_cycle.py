@@ -139,6 +139,20 @@ def test_the_backup_timer_is_set_up(host):
     assert "OnCalendar=*-*-* 03:30:00" in host.file("/etc/systemd/system/gpulab-backup.timer").content_string
 
 
+def test_the_timer_service_backs_up_on_its_own_after_the_restore(host, cycle):
+    """The timer's service runs the backup code the role copied to the server (no Ansible): on the restored
+    notebooks it takes the fast path, the restored images' layers being in the store already."""
+    started = host.run("systemctl start gpulab-backup.service")
+    journal = host.check_output("journalctl -u gpulab-backup.service --no-pager -o cat")
+    assert started.rc == 0, started.stderr + journal[-3000:]
+    results = [json.loads(line) for line in journal.splitlines() if line.startswith("{")][-2:]
+    assert sorted(r["container"] for r in results) == ["notebook-student1", "notebook-student2"]
+    for result in results:
+        assert result["path_taken"] == "overlay-upperdir", result["path_reason"]
+        assert result["base_image_stored"] is False
+        assert result["layers_new"] == 1  # the writable layer of the restored container
+
+
 def test_the_reinstall_wiped_everything(cycle):
     assert cycle["wiped"].rc != 0
     assert "No such file or directory" in cycle["wiped"].stderr
