@@ -17,7 +17,7 @@ container's writable layer straight from its upper directory (paused only while 
 and stores it as content-defined chunks (module_utils/gpulab_overlay.py), so a backup costs time and bytes in
 proportion to what changed, not to the image. Retention keeps the newest backups per container and removes blobs
 no backup references. An image nearing Docker's 125-layer limit is flattened instead of failing one day.
-The code lives in module_utils/gpulab_backup.py, which the role notebook_backup's systemd timer runs without Ansible.
+The code lives in module_utils/gpulab_backup.py, which the role backup's systemd timer runs without Ansible.
 Python's standard library only (3.8 or newer) and the zstd and tar programs on the server.
 """
 
@@ -82,7 +82,7 @@ options:
     type: bool
     default: true
   pause:
-    description: Pause the container while Docker commits it (or while it is exported, when flattening).
+    description: Pause the container while it is read (its upper directory on the fast path), committed or exported.
     type: bool
     default: true
   format:

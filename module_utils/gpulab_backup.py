@@ -4,7 +4,7 @@
 """gpulab's container backups: a content-addressed store on the server, and the backup and restore of a container.
 
 Shared by the modules container_backup and container_restore, and run on its own (without Ansible) by the systemd timer
-of the role notebook_backup: `python3 gpulab_backup.py backup --store DIR --container NAME --keep-last N`.
+of the role backup: `python3 gpulab_backup.py backup --store DIR --container NAME --keep-last N`.
 
 The store (for example /var/backups/gpulab), root's only (mode 0700):
   blobs/sha256/<hex>                 a blob: zstd-compressed, named by the sha256 of its uncompressed content
@@ -743,6 +743,12 @@ class BlobReader:
         if check and rc != 0:
             what = self.batch[0] if len(self.batch) == 1 else f"{len(self.batch)} blobs from {self.batch[0]}"
             raise BackupError(f"zstd could not decompress {what}: {err or f'exit status {rc}'}")
+
+    def pipe(self):
+        """zstd's output, for another process to read directly: only when one zstd takes all the blobs."""
+        if len(self.paths) > self.BATCH_PATHS:
+            raise BackupError(f"{len(self.paths)} blobs are more than one zstd process reads ({self.BATCH_PATHS})")
+        return self.proc.stdout
 
     def read(self, size=CHUNK):
         while True:
@@ -1507,9 +1513,7 @@ def restore_mount(store, entry):
             os.chmod(parent["path"], parent["mode"])
     reader = BlobReader(store.blob_path(b["digest"]) for b in entry["blobs"])
     with tempfile.TemporaryFile() as err:
-        tar = subprocess.Popen(
-            [tar_program(), *TAR_EXTRACT, "--", source.lstrip("/")], stdin=reader.proc.stdout, stderr=err
-        )
+        tar = subprocess.Popen([tar_program(), *TAR_EXTRACT, "--", source.lstrip("/")], stdin=reader.pipe(), stderr=err)
         reader.proc.stdout.close()  # tar reads zstd's output directly
         rc = tar.wait()
         zstd_rc = reader.proc.wait()
@@ -2651,7 +2655,7 @@ class RestoreJob:
         return created["Id"]
 
 
-# ---- the command line (the systemd timer of role notebook_backup) --------------------------------------------------
+# ---- the command line (the systemd timer of role backup) -------------------------------------------------------------
 
 
 def list_store(store_path, container=None):

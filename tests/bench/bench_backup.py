@@ -358,6 +358,9 @@ def main():  # one measured sequence, step by step
         )
         for note in notes:
             print(f"  {note}")
+        missed = [what for what, value, limit in checks if value > limit]
+        if missed:
+            raise SystemExit(f"missed: {'; '.join(missed)}")
     finally:
         subprocess.run(["docker", "rm", "-f", NAME], capture_output=True, check=False)
         for ref in sh("docker", "images", "--format", "{{.Repository}}:{{.Tag}}").split():

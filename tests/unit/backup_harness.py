@@ -138,9 +138,22 @@ def write_args(path, args):
 
 
 def engine_events(since, until, *words):
-    """The engine's events between two times (unix seconds) whose JSON mentions any of words."""
+    """The engine's events between two times (unix seconds) whose JSON mentions any of words.
+
+    docker events rounds --since down to whole seconds, so the events are filtered again by their own timeNano.
+    """
     out = sh("docker", "events", "--since", f"{since:.3f}", "--until", f"{until:.3f}", "--format", "{{json .}}")
-    return [line for line in out.splitlines() if any(w in line for w in words)]
+    found = []
+    for line in out.splitlines():
+        if not any(w in line for w in words):
+            continue
+        try:
+            when = json.loads(line).get("timeNano", 0) / 1e9
+        except ValueError:
+            when = since
+        if when >= since:
+            found.append(line)
+    return found
 
 
 def engine_state(container):

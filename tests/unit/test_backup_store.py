@@ -19,6 +19,7 @@ import uuid
 from pathlib import Path
 
 import gpulab_backup as gb
+import gpulab_overlay
 import pytest
 from backup_harness import LABEL, needs_docker
 
@@ -277,7 +278,7 @@ def test_an_oci_archive_stored_and_loaded_into_the_engine(store):
     """OCI layout (as Docker 25+ writes it) -> store -> docker load tar -> the engine: same image ID."""
     layers = [layer_tar({"hello.txt": f"hello {uuid.uuid4()}\n".encode()}), layer_tar({"b/c.txt": b"c" * 9000})]
     config = json.loads(config_of(layers))
-    config["config"]["Labels"] = {"io.gpulab.harness": "1"}
+    config["config"]["Labels"] = dict([LABEL.split("=", 1)])
     config = json.dumps(config).encode()
     _, got_config, got = ingest(store, oci_archive(layers, config, gzip_layers={0}))
     name = f"gpulab-backup/unittest-oci:{uuid.uuid4().hex[:8]}"
@@ -288,7 +289,6 @@ def test_an_oci_archive_stored_and_loaded_into_the_engine(store):
         assert engine.image(name)["RootFS"]["Layers"] == [blob_id(x) for x in layers]
     finally:
         subprocess.run(["docker", "rmi", "-f", name], capture_output=True, check=False)
-    assert LABEL
 
 
 # ---- the store -----------------------------------------------------------------------------------------------------
@@ -512,3 +512,120 @@ def test_a_layer_of_several_blobs_loads_as_one(store):
     with tarfile.open(fileobj=io.BytesIO(data)) as tar:
         names = json.loads(tar.extractfile("manifest.json").read())[0]["Layers"]
         assert tar.extractfile(names[1]).read() == layers[1]
+
+
+# ---- the fast path's chunked layers --------------------------------------------------------------------------------
+
+SMALL_CHUNKS = {"min_size": 16 * 1024, "max_size": 64 * 1024, "piece": 32 * 1024}
+
+
+def a_tree(root, count, seed):
+    for i in range(count):
+        path = root / f"pkg{i % 5}" / f"m{seed}-{i:03d}.bin"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(os.urandom(3000 + i * 50))
+    (root / f"weights-{seed}.bin").write_bytes(os.urandom(200_000))  # a large file: its own pieces
+    return root
+
+
+def stored_files(store):
+    return sorted(os.listdir(store.blobs))
+
+
+def test_chunked_layer_writer_stores_each_chunk_once_and_leaves_nothing_behind(store, tmp_path, monkeypatch):
+    monkeypatch.setattr(gb.ChunkedLayerWriter, "BATCH_FILES", 3)  # several zstd batches, some running meanwhile
+    syncs = []
+    real_sync = gb.sync_filesystem
+    monkeypatch.setattr(gb, "sync_filesystem", lambda path: syncs.append(path) or real_sync(path))
+    tree = a_tree(tmp_path / "upper", 80, "a")
+    layer = io.BytesIO()
+    gpulab_overlay.write_layer(tree, layer)
+
+    known = {}
+    writer = gb.ChunkedLayerWriter(store, known, **SMALL_CHUNKS)
+    stats = gpulab_overlay.write_layer(tree, writer)
+    blobs, written = writer.finish()
+    assert writer.chunks_new > 6 and len(blobs) == writer.chunks_new + writer.chunks_reused
+    assert b"".join(decompressed(store, b) for b in blobs) == layer.getvalue()
+    assert stats["diff_id"] == blob_id(layer.getvalue())
+    assert written == sum(os.path.getsize(store.blob_path(d)) for d in {b["digest"] for b in blobs})
+    assert all(b["stored_digest"] == gb.file_sha256(store.blob_path(b["digest"])) for b in blobs)
+    assert syncs == [store.tmp]  # one syncfs for all the chunks, before they were renamed into blobs/
+    assert os.listdir(store.tmp) == []
+
+    # The same tree again: every chunk is known, nothing is written, nothing synced.
+    again = gb.ChunkedLayerWriter(store, known, **SMALL_CHUNKS)
+    gpulab_overlay.write_layer(tree, again)
+    assert again.finish() == (blobs, 0)
+    assert (again.chunks_new, syncs) == (0, [store.tmp])
+
+    # A layer given up halfway (the fast path falls back): its chunks, compressed or not, leave no trace.
+    before = stored_files(store)
+    a_tree(tree, 60, "b")
+    abandoned = gb.ChunkedLayerWriter(store, known, **SMALL_CHUNKS)
+    gpulab_overlay.write_layer(tree, abandoned)
+    assert abandoned.chunks_new > 3 and os.listdir(store.tmp)  # chunk files were there
+    abandoned.abort()
+    assert os.listdir(store.tmp) == []
+    assert stored_files(store) == before
+
+
+def chunked_manifest(store, count):
+    """A manifest whose one layer is `count` small blobs (a chunked writable layer)."""
+    pieces = [os.urandom(5000 + i) for i in range(count)]
+    blobs = []
+    for piece in pieces:
+        with gb.BlobWriter(store) as writer:
+            writer.write(piece)
+            blobs.append(store.keep(writer, writer.finish(), {})[0])
+    data = b"".join(pieces)
+    layer = {"diff_id": blob_id(data), "size": len(data), "blobs": blobs}
+    return {"id": "x", "container": "hana", "layers": [layer], "mounts": []}, data
+
+
+def test_chunks_are_verified_in_batches_and_a_bad_one_is_named(store, monkeypatch):
+    monkeypatch.setattr(gb, "BATCH_VERIFY_FILES", 3)
+    one_by_one = []
+    real_verify_blob = gb._verify_blob
+    monkeypatch.setattr(gb, "_verify_blob", lambda *a: one_by_one.append(a[1]["digest"]) or real_verify_blob(*a))
+    manifest, _ = chunked_manifest(store, 8)
+    blobs = manifest["layers"][0]["blobs"]
+    assert gb.verify_backup(store, manifest)["blobs"] == 8
+    assert one_by_one == []  # three batches, each through one zstd
+
+    # A blob whose file is damaged, and one whose file matches its stored checksum but holds other content (written
+    # wrong): each named, and only it; the batch that held it was checked blob by blob.
+    damaged, forged = blobs[1]["digest"], blobs[6]["digest"]
+    path = Path(store.blob_path(damaged))
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    os.chmod(path, 0o600)
+    path.write_bytes(bytes(data))
+    other = subprocess.run(["zstd", "-q", "-c"], input=os.urandom(5006), capture_output=True, check=True).stdout
+    os.chmod(store.blob_path(forged), 0o600)
+    Path(store.blob_path(forged)).write_bytes(other)
+    blobs[6].update(stored_digest=blob_id(other), stored_size=len(other))
+    with pytest.raises(gb.BackupError) as refused:
+        gb.verify_backup(store, manifest)
+    message = str(refused.value)
+    assert f"blob {damaged} is corrupt (its file has" in message
+    assert f"blob {forged} is corrupt (its content has" in message
+    assert all(b["digest"] not in message for i, b in enumerate(blobs) if i not in (1, 6))
+    # only the (at most two) batches that held them: at most six blobs of eight
+    assert {damaged, forged} <= set(one_by_one) and len(set(one_by_one)) <= 6
+
+
+def test_a_layer_of_more_blobs_than_one_zstd_reads(store, monkeypatch):
+    monkeypatch.setattr(gb.BlobReader, "BATCH_PATHS", 3)
+    manifest, data = chunked_manifest(store, 8)
+    paths = [store.blob_path(b["digest"]) for b in manifest["layers"][0]["blobs"]]
+    reader = gb.BlobReader(paths)
+    assert b"".join(reader.chunks()) == data  # three zstd processes, one after the other
+    reader.close()
+    with pytest.raises(gb.BackupError, match="8 blobs are more than one zstd process reads"):
+        gb.BlobReader(paths).pipe()
+    config = config_of([data])
+    tar_bytes = b"".join(iter(gb.LoadTar(store, config, manifest["layers"], "gpulab-backup/t:1").read, b""))
+    with tarfile.open(fileobj=io.BytesIO(tar_bytes)) as tar:
+        names = json.loads(tar.extractfile("manifest.json").read())[0]["Layers"]
+        assert tar.extractfile(names[0]).read() == data

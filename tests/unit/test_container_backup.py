@@ -23,6 +23,7 @@ import pytest
 from backup_harness import (
     ROOT,
     build_tiny_image,
+    engine_events,
     inspect,
     module_argv,
     needs_docker,
@@ -128,9 +129,12 @@ def test_second_backup_after_a_small_change_writes_only_the_new_layer(container,
 def test_check_mode_changes_nothing(container, tmp_path, path):
     store = tmp_path / "store"
     before = inspect(container["name"])
+    dangling = sh("docker", "images", "-q", "--filter", "dangling=true").split()
+    since = time.time()
     result = run_module(
         container_backup, {"container": container["name"], "store": str(store), **PATHS[path]}, check_mode=True
     )
+    until = time.time()
     assert result["changed"] is True
     assert result["check_mode"] is True
     assert result["backup_id"] is None
@@ -141,10 +145,13 @@ def test_check_mode_changes_nothing(container, tmp_path, path):
     else:
         assert "would read the writable layer (overlay2 upper directory) of container" in result["msg"]
         assert "after storing its image's layers" in result["msg"]
+        assert result["base_image_stored"] is True  # would be
     assert not store.exists()  # not even created
+    time.sleep(1.1)  # docker events rounds --until down to the second
+    assert engine_events(since, until, container["name"], "pause", "commit") == []  # not paused, not committed
     after = inspect(container["name"])
     assert after["State"] == before["State"]
-    assert sh("docker", "images", "-q", "--filter", "dangling=true", "--filter", f"since={before['Image']}") == ""
+    assert sh("docker", "images", "-q", "--filter", "dangling=true").split() == dangling  # no commit was made
 
     # With a store that has a backup: it says which layers it has and what retention would remove.
     backup(container, store, keep_last=1)
@@ -153,7 +160,11 @@ def test_check_mode_changes_nothing(container, tmp_path, path):
         container_backup, {"container": container["name"], "store": str(store), "keep_last": 1}, check_mode=True
     )
     assert again["layers_reused"] == 2
+    assert again["layers_new"] == 1  # only the writable layer
     assert len(again["removed_backups"]) == 1
+    if path == "overlay-upperdir":
+        assert again["base_image_stored"] is False
+        assert "after storing its image's layers" not in again["msg"]
     assert sorted(str(p) for p in store.rglob("*")) == files
 
 
@@ -192,7 +203,7 @@ def test_retention_keeps_the_newest_complete_backup(container, tmp_path):
     assert {"sha256:" + n for n in os.listdir(s.blobs)} == referenced
     # The newest backup loses a blob: the newest complete one is the one before; a restore takes that one.
     newest = s.read_manifest(container["name"], ids[2])
-    os.unlink(s.blob_path(newest["layers"][-1]["diff_id"]))
+    os.unlink(s.blob_path(newest["layers"][-1]["blobs"][-1]["digest"]))
     checked = restore(container, store, verify_only=True)
     assert checked["backup_id"] == ids[1]
     assert any(f"backup {ids[2]} is incomplete" in w for w in checked["notices"])

@@ -186,7 +186,7 @@ def refused_without_change(notebook, match, **options):
 
 def test_a_corrupt_blob_is_refused_before_docker_changes(notebook):
     manifest = read_json(notebook["backup"]["manifest"])
-    digest = manifest["layers"][-1]["diff_id"]
+    digest = manifest["layers"][-1]["blobs"][-1]["digest"]  # a chunk of the writable layer
     path = Path(gb.Store(str(notebook["store"])).blob_path(digest))
     data = bytearray(path.read_bytes())
     data[-10] ^= 0xFF
@@ -214,15 +214,16 @@ def test_a_layer_whose_content_differs_is_refused_while_it_streams(notebook, tmp
     path = notebook["backup"]["manifest"]
     manifest = read_json(path)
     top = manifest["layers"][-1]
+    chunk = top["blobs"][-1]
     forged = tmp_path / "forged.tar"
-    subprocess.run(["zstd", "-dcq", store.blob_path(top["diff_id"]), "-o", forged], check=True)
+    subprocess.run(["zstd", "-dcq", store.blob_path(chunk["digest"]), "-o", forged], check=True)
     data = bytearray(forged.read_bytes())
     data[-2000] ^= 0x01  # same size, other content
     forged.write_bytes(bytes(data))
-    blob_path = store.blob_path(top["diff_id"])
+    blob_path = store.blob_path(chunk["digest"])
     os.chmod(blob_path, 0o600)
     subprocess.run(["zstd", "-qf", forged, "-o", blob_path], check=True)
-    top["blobs"][0].update(stored_digest=gb.file_sha256(blob_path), stored_size=os.path.getsize(blob_path))
+    chunk.update(stored_digest=gb.file_sha256(blob_path), stored_size=os.path.getsize(blob_path))
     os.chmod(path, 0o600)
     Path(path).write_text(json.dumps(manifest))
     since = time.time()
@@ -232,7 +233,7 @@ def test_a_layer_whose_content_differs_is_refused_while_it_streams(notebook, tmp
     assert inspect(notebook["name"]) is None
     assert gb.api.Engine().image(manifest["image"]["id"]) is None
     assert engine_events(since, time.time(), notebook["name"], "gpulab-backup/") == []
-    with pytest.raises(ModuleFail, match=f"blob {top['diff_id']} is corrupt"):
+    with pytest.raises(ModuleFail, match=f"blob {chunk['digest']} is corrupt"):
         restore(notebook, verify_only=True)  # the full check finds it without Docker
 
 
@@ -254,6 +255,7 @@ def test_verify_only_and_check_mode_leave_docker_alone(notebook):
     assert checked["verified"] == "full"
     assert checked["verified_content_bytes"] > 0
     wipe(notebook)
+    time.sleep(1.1)  # the events of the wipe itself are over
     since = time.time()
     planned = run_module(
         container_restore, {"container": notebook["name"], "store": str(notebook["store"])}, check_mode=True
