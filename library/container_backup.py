@@ -194,7 +194,9 @@ paused_seconds:
   type: float
   returned: always
 bytes_read:
-  description: Bytes read from the engine's save (or export) stream and from the bind-mount sources.
+  description:
+    - Bytes read from the engine's save (or export) stream, or on the fast path the writable layer's tar read from its
+      upper directory (and the image's save stream when the image was stored first), and from the bind-mount sources.
   type: int
   returned: always
 bytes_written:

@@ -233,17 +233,18 @@ def fsync_dir(path):
 def sync_filesystem(path):
     """Make what was written to the filesystem holding path durable: syncfs(2) (one call for many files), else
     sync(2)."""
+    import ctypes  # noqa: PLC0415 (only here: a store that never writes chunks never needs it)
+
+    try:
+        syncfs = ctypes.CDLL(None, use_errno=True).syncfs
+    except (OSError, AttributeError):  # no syncfs in this C library
+        os.sync()
+        return
     fd = os.open(path, os.O_RDONLY)
     try:
-        try:
-            import ctypes  # noqa: PLC0415 (only here: a store that never writes chunks never needs it)
-
-            libc = ctypes.CDLL(None, use_errno=True)
-            if libc.syncfs(fd) == 0:
-                return
-        except (OSError, AttributeError):
-            pass
-        os.sync()
+        if syncfs(fd) != 0:  # a write-back error (EIO): the chunks are not safely on disk
+            err = ctypes.get_errno()
+            raise OSError(err, f"syncfs of {path} failed: {os.strerror(err)}")
     finally:
         os.close(fd)
 
@@ -727,8 +728,9 @@ class BlobReader:
         batch = self.paths[self.next : self.next + self.BATCH_PATHS]
         self.next += len(batch)
         self.batch = batch
+        self.err = tempfile.TemporaryFile()  # noqa: SIM115 (closed in _end; not a pipe: zstd never blocks on it)
         self.proc = subprocess.Popen(
-            [zstd_program(), "-dcq", "--", *batch], stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0
+            [zstd_program(), "-dcq", "--", *batch], stdout=subprocess.PIPE, stderr=self.err, bufsize=0
         )
         _grow_pipe(self.proc.stdout.fileno())
 
@@ -737,9 +739,10 @@ class BlobReader:
             with contextlib.suppress(OSError):
                 self.proc.kill()
         self.proc.stdout.close()
-        err = self.proc.stderr.read().decode(errors="replace").strip()
-        self.proc.stderr.close()
         rc = self.proc.wait()
+        self.err.seek(0)
+        err = self.err.read().decode(errors="replace").strip()[-2000:]
+        self.err.close()
         if check and rc != 0:
             what = self.batch[0] if len(self.batch) == 1 else f"{len(self.batch)} blobs from {self.batch[0]}"
             raise BackupError(f"zstd could not decompress {what}: {err or f'exit status {rc}'}")
@@ -747,6 +750,7 @@ class BlobReader:
     def pipe(self):
         """zstd's output, for another process to read directly: only when one zstd takes all the blobs."""
         if len(self.paths) > self.BATCH_PATHS:
+            self.close(check=False)
             raise BackupError(f"{len(self.paths)} blobs are more than one zstd process reads ({self.BATCH_PATHS})")
         return self.proc.stdout
 
@@ -793,7 +797,8 @@ class ChunkedLayerWriter:
         self.size = 0
         self.chunks_new = 0
         self.chunks_reused = 0
-        self.bytes_new = 0
+        self.entries = {}  # digest -> blob entry of the chunks compressed so far
+        self.written = 0
 
     # write_layer's output
 
@@ -810,36 +815,72 @@ class ChunkedLayerWriter:
         if digest in self.known or digest in self.new:
             self.chunks_reused += 1
             return
-        fd, path = self.store.tmp_file("chunk-")
+        try:
+            fd, path = self.store.tmp_file("chunk-")
+        except OSError as e:
+            raise BackupError(f"a chunk cannot be written to {self.store.tmp}: {e}") from e
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
-        except BaseException:
+        except BaseException as e:
             with contextlib.suppress(OSError):
                 os.unlink(path)
+            if isinstance(e, OSError):  # the store's disk, not the container's files: not a reason to fall back
+                raise BackupError(f"a chunk cannot be written to {self.store.tmp}: {e}") from e
             raise
         self.new[digest] = (len(data), path)
         self.chunks_new += 1
-        self.bytes_new += len(data)
         self.pending.append((digest, len(data), path))
         self.pending_bytes += len(data)
         if len(self.pending) >= self.BATCH_FILES or self.pending_bytes >= self.BATCH_BYTES:
             self._compress()
 
     def _compress(self):
+        """Start a zstd for the pending chunks, after collecting the jobs that ended (at most RUNNING at once)."""
         if not self.pending:
             return
-        running = [job for job in self.jobs if job[0].poll() is None]
-        if len(running) >= self.RUNNING:
-            running[0][0].wait()
+        for job in [job for job in self.jobs if job[0].poll() is not None]:
+            self._collect(job)
+        if len(self.jobs) >= self.RUNNING:
+            self._collect(self.jobs[0])
         batch, self.pending, self.pending_bytes = self.pending, [], 0
-        proc = subprocess.Popen(
-            [zstd_program(), self.level, "-q", "-f", "--rm", "--", *(path for _, _, path in batch)],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
-        self.jobs.append((proc, batch))
+        err = tempfile.TemporaryFile()  # noqa: SIM115 (closed in _collect or abort)
+        try:
+            proc = subprocess.Popen(
+                [zstd_program(), self.level, "-q", "-f", "--rm", "--", *(path for _, _, path in batch)],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=err,
+            )
+        except OSError as e:
+            err.close()
+            raise BackupError(f"zstd cannot be started to compress chunks: {e}") from e
+        self.jobs.append((proc, batch, err))
+
+    def _collect(self, job):
+        """Wait for one zstd job and take its chunks' entries (the compressed files stay in tmp/ until finish)."""
+        proc, batch, err = job
+        self.jobs.remove(job)
+        try:
+            rc = proc.wait()
+            err.seek(0)
+            message = err.read().decode(errors="replace").strip()[-2000:]
+        finally:
+            err.close()
+        if rc != 0:
+            raise BackupError(f"zstd could not compress chunks in {self.store.tmp}: {message or f'exit status {rc}'}")
+        for digest, size, path in batch:
+            compressed = path + ".zst"
+            entry = {
+                "digest": digest,
+                "size": size,
+                "stored_digest": file_sha256(compressed),
+                "stored_size": os.stat(compressed).st_size,
+            }
+            self.entries[digest] = entry
+            self.written += entry["stored_size"]
+        if self.progress:
+            self.progress.update(bytes_written=self.written)
 
     # the end
 
@@ -847,24 +888,9 @@ class ChunkedLayerWriter:
         """Returns (the layer's blob entries in order, bytes written to the store)."""
         self.chunker.close()
         self._compress()
-        entries = {}
-        written = 0
-        for proc, batch in self.jobs:
-            err = proc.stderr.read().decode(errors="replace").strip()
-            proc.stderr.close()
-            if proc.wait() != 0:
-                raise BackupError(f"zstd could not compress chunks in {self.store.tmp}: {err or proc.returncode}")
-            for digest, size, path in batch:
-                compressed = path + ".zst"
-                entries[digest] = {
-                    "digest": digest,
-                    "size": size,
-                    "stored_digest": file_sha256(compressed),
-                    "stored_size": os.stat(compressed).st_size,
-                }
-                written += entries[digest]["stored_size"]
-            if self.progress:
-                self.progress.update(bytes_written=written)
+        while self.jobs:
+            self._collect(self.jobs[0])
+        entries, written = self.entries, self.written
         if entries:
             sync_filesystem(self.store.tmp)
             for digest, (_, path) in self.new.items():
@@ -875,13 +901,13 @@ class ChunkedLayerWriter:
         return [dict(self.known[digest]) for digest in self.order], written
 
     def abort(self):
-        for proc, _ in self.jobs:
+        for proc, _, err in self.jobs:
             if proc.poll() is None:
                 with contextlib.suppress(OSError):
                     proc.kill()
             proc.wait()
-            with contextlib.suppress(OSError):
-                proc.stderr.close()
+            err.close()
+        self.jobs = []
         for _, path in self.new.values():
             for leftover in (path, path + ".zst"):
                 with contextlib.suppress(FileNotFoundError):
@@ -1516,12 +1542,14 @@ def restore_mount(store, entry):
         tar = subprocess.Popen([tar_program(), *TAR_EXTRACT, "--", source.lstrip("/")], stdin=reader.pipe(), stderr=err)
         reader.proc.stdout.close()  # tar reads zstd's output directly
         rc = tar.wait()
-        zstd_rc = reader.proc.wait()
         err.seek(0)
         message = err.read().decode(errors="replace").strip()[-1000:]
-    reader.proc.stderr.close()
-    if rc != 0 or zstd_rc != 0:
-        raise BackupError(f"unpacking the archive of {source} failed: {message or f'tar {rc}, zstd {zstd_rc}'}")
+    try:
+        reader.close(check=rc == 0)  # zstd's own error, with its message, when tar was content
+    except BackupError as e:
+        raise BackupError(f"unpacking the archive of {source} failed: {e}") from e
+    if rc != 0:
+        raise BackupError(f"unpacking the archive of {source} failed: {message or f'tar {rc}'}")
     return source
 
 
@@ -1859,15 +1887,48 @@ class BackupJob:
         return os.path.join(store.tmp, f"paused-{self.info['Id']}")
 
     def _unpause_after_a_killed_run(self, store):
-        """A backup killed while it held the container paused (SIGKILL: no cleanup) left a marker in tmp/: the
-        container is still frozen. Thaw it (the marker proves gpulab froze it, not its user)."""
-        if not os.path.exists(self._pause_marker(store)):
-            return
+        """A backup killed while it held a container paused (SIGKILL: no cleanup) left a marker paused-<id> in tmp/:
+        that container is still frozen. Thaw every such container, this one or another (the marker proves gpulab
+        froze it, not its user), before clean_tmp removes the markers; then read this container's state again, as
+        it was inspected before the lock was taken."""
+        for name in sorted(os.listdir(store.tmp)) if os.path.isdir(store.tmp) else []:
+            if not name.startswith("paused-"):
+                continue
+            info = _docker(self.engine.container, name[len("paused-") :])
+            if info and (info.get("State") or {}).get("Paused"):
+                _docker(self.engine.json, "POST", f"/containers/{info['Id']}/unpause")
+                self.warnings.append(
+                    f"{info['Name'].lstrip('/')} was left paused by a backup that was killed: it was unpaused"
+                )
+        fresh = _docker(self.engine.container, self.info["Id"])
+        if fresh:
+            self.info["State"] = fresh.get("State") or {}
+
+    @contextlib.contextmanager
+    def _paused(self, store=None, result=None):
+        """The container paused for the block, when it runs, its user has not paused it and pause is on. With a
+        store, a marker in tmp/ (fsynced before the pause) lets the next backup thaw it should this process be
+        killed meanwhile. result["paused_seconds"] gets the time."""
         state = self.info.get("State") or {}
-        if state.get("Paused"):
+        if not (self.pause and state.get("Running") and not state.get("Paused")):
+            yield
+            return
+        marker = self._pause_marker(store) if store else None
+        if marker:
+            with open(marker, "wb") as f:  # empty; fsynced: it must outlive a SIGKILL
+                os.fsync(f.fileno())
+            fsync_dir(store.tmp)
+        _docker(self.engine.json, "POST", f"/containers/{self.info['Id']}/pause")
+        started = time.monotonic()
+        try:
+            yield
+        finally:
             _docker(self.engine.json, "POST", f"/containers/{self.info['Id']}/unpause")
-            state["Paused"] = False
-            self.warnings.append(f"{self.name} was left paused by a backup that was killed: it was unpaused")
+            if result is not None:
+                result["paused_seconds"] = round(time.monotonic() - started, 2)
+            if marker:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(marker)
 
     def _upper_layer(self, store, index, figures, backup_id, result):
         """(config, layers, None) of the container's image plus its writable layer read from the upper directory, or
@@ -1882,35 +1943,30 @@ class BackupJob:
             base = [dict(stored[d], new=False) for d in self.base_layers]
         self.progress.set("reading the writable layer", upper=self.upper)
         writer = ChunkedLayerWriter(store, known, self.level, self.progress)
-        paused = False
-        state = self.info.get("State") or {}
+        unreadable = None
         try:
-            if self.pause and state.get("Running") and not state.get("Paused"):
-                marker = self._pause_marker(store)
-                with open(marker, "wb") as f:  # empty; fsynced: it must outlive a SIGKILL
-                    os.fsync(f.fileno())
-                fsync_dir(store.tmp)
-                _docker(self.engine.json, "POST", f"/containers/{self.info['Id']}/pause")
-                paused = time.monotonic()
-            try:
-                stats = overlay.write_layer(
-                    self.upper, writer, progress=lambda st: self.progress.update(bytes_read=st["bytes"])
+            with self._paused(store, result):
+                try:  # only what reading the upper directory raises: the store's own errors are errors
+                    stats = overlay.write_layer(
+                        self.upper, writer, progress=lambda st: self.progress.update(bytes_read=st["bytes"])
+                    )
+                except (overlay.UnsupportedOverlay, OSError) as e:
+                    unreadable = e
+            if unreadable is None:
+                self.progress.set(
+                    "compressing the new chunks", bytes_written=writer.written, chunks_new=writer.chunks_new
                 )
-            finally:
-                if paused:
-                    _docker(self.engine.json, "POST", f"/containers/{self.info['Id']}/unpause")
-                    result["paused_seconds"] = round(time.monotonic() - paused, 2)
-                    os.unlink(self._pause_marker(store))
-            self.progress.set("compressing the new chunks", bytes_written=0, chunks_new=writer.chunks_new)
-            blobs, written = writer.finish()
-        except (overlay.UnsupportedOverlay, OSError) as e:
-            writer.abort()
-            self.path_taken, self.path_reason = "commit-save", f"the writable layer could not be read as a layer: {e}"
-            self.warnings.append(f"{self.name}: {self.path_reason}; the backup commits and saves the container instead")
-            return None
+                blobs, written = writer.finish()
         except BaseException:
             writer.abort()
             raise
+        if unreadable is not None:
+            writer.abort()
+            result["paused_seconds"] = 0.0
+            self.path_taken = "commit-save"
+            self.path_reason = f"the writable layer could not be read as a layer: {unreadable}"
+            self.warnings.append(f"{self.name}: {self.path_reason}; the backup commits and saves the container instead")
+            return None
         figures["bytes_read"] += stats["tar_bytes"]
         figures["bytes_written"] += written
         result["chunks_new"] = writer.chunks_new
@@ -2000,22 +2056,15 @@ class BackupJob:
                 figures["bytes_discarded"] += ingest.bytes_discarded
             return config_bytes, layers
 
-    def _export_stream(self, consume):
-        """GET /containers/<id>/export (the container's whole file system), paused while it is read."""
-        state = self.info.get("State") or {}
-        paused = False
-        if self.pause and state.get("Running") and not state.get("Paused"):
-            _docker(self.engine.json, "POST", f"/containers/{self.info['Id']}/pause")
-            paused = True
-        try:
+    def _export_stream(self, consume, store=None):
+        """GET /containers/<id>/export (the container's whole file system), paused while it is read (with a marker
+        in the store's tmp/ when there is a store)."""
+        with self._paused(store):
             resp = _docker(self.engine.get_stream, f"/containers/{self.info['Id']}/export")
             try:
                 return consume(resp)
             finally:
                 resp.close()
-        finally:
-            if paused:
-                _docker(self.engine.json, "POST", f"/containers/{self.info['Id']}/unpause")
 
     def _flat_config(self, diff_id):
         now = now_utc()
@@ -2053,7 +2102,7 @@ class BackupJob:
             figures["bytes_written"] += written
             return {"diff_id": blob["digest"], "size": blob["size"], "blobs": [kept], "new": bool(written)}
 
-        layer = self._export_stream(consume)
+        layer = self._export_stream(consume, store)
         return self._flat_config(layer["diff_id"]), [layer], None
 
     # one docker load-able tar

@@ -298,6 +298,24 @@ def test_a_container_left_paused_by_a_killed_backup_is_thawed_and_one_its_user_p
     assert os.listdir(store / "tmp") == []
 
 
+def test_a_backup_thaws_another_container_a_killed_backup_left_paused(container, tiny, tmp_path):
+    """The marker of another container (the timer's killed backup of bob) is not just cleaned away by the next backup
+    of alice: bob is thawed first."""
+    store = tmp_path / "store"
+    backup(container, store)
+    other = f"gpulab-unittest-backup-{uuid.uuid4().hex[:8]}"
+    run_container(other, tiny["name"])
+    try:
+        sh("docker", "pause", other)
+        (store / "tmp" / f"paused-{inspect(other)['Id']}").write_bytes(b"")
+        result = backup(container, store)
+        assert inspect(other)["State"]["Paused"] is False
+        assert any(f"{other} was left paused by a backup that was killed" in n for n in result["notices"])
+        assert os.listdir(store / "tmp") == []
+    finally:
+        remove_container(other)
+
+
 def test_a_second_backup_waits_for_the_store_lock(container, tmp_path):
     store = tmp_path / "store"
     store.mkdir()
