@@ -40,7 +40,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_deepo_load import RUN_MODULE, Engine  # the benchmark engine: own data root and bridge
+from bench_deepo_load import MODULES, RUN_MODULE, Engine  # the benchmark engine: own data root and bridge
 
 ROOT = Path(__file__).resolve().parents[2]
 NAME = "gpulab-bench-backup"
@@ -76,10 +76,16 @@ def free_port():
 
 
 def module(name, args, workdir):
-    """Run library/<name>.py as Ansible would; returns (wall seconds, result)."""
+    """Run the collection's module <name> as Ansible would; returns (wall seconds, result)."""
     args_file = workdir / f"{name}-args.json"
     args_file.write_text(json.dumps({"ANSIBLE_MODULE_ARGS": args}))
-    argv = [sys.executable, "-c", RUN_MODULE, str(ROOT / "module_utils"), str(ROOT / "library" / f"{name}.py")]
+    argv = [
+        sys.executable,
+        "-c",
+        RUN_MODULE,
+        str(ROOT),
+        str(MODULES / f"{name}.py"),
+    ]
     seconds, out = timed([*argv, str(args_file)])
     result = json.loads(out[out.index("{") :])
     if result.get("failed"):

@@ -31,10 +31,11 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-MODULE = ROOT / "library" / "docker_image_archive.py"
-# Runs a module file as Ansible would on the server, with gpulab's module_utils importable as ansible.module_utils.*.
+MODULES = ROOT / "ansible_collections" / "gpulab" / "lab" / "plugins" / "modules"
+MODULE = MODULES / "docker_image_archive.py"
+# Runs a module file as Ansible would on the server, with the collection (ansible_collections/ in argv[1]) importable.
 RUN_MODULE = (
-    "import runpy, sys, ansible.module_utils as m; m.__path__.append(sys.argv[1]); "
+    "import runpy, sys; sys.path.insert(0, sys.argv[1]); "
     "sys.argv = sys.argv[2:]; runpy.run_path(sys.argv[0], run_name='__main__')"
 )
 BRIDGE = "gpulab-bench0"  # the benchmark engine's own bridge interface
@@ -138,7 +139,7 @@ def module_load(engine, archive, workdir):
             }
         )
     )
-    argv = [sys.executable, "-c", RUN_MODULE, str(ROOT / "module_utils"), str(MODULE), str(args)]
+    argv = [sys.executable, "-c", RUN_MODULE, str(ROOT), str(MODULE), str(args)]
     seconds, out = timed(f"module {archive.name}", argv, progress)
     result = json.loads(out[out.index("{") :])
     assert result.get("changed") is True, result

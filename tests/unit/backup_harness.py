@@ -23,9 +23,9 @@ from module_harness import ModuleExit, ModuleFail
 
 ROOT = Path(__file__).resolve().parents[2]
 LABEL = "io.gpulab.harness=1"
-# Runs a module file as Ansible would on the server, with gpulab's module_utils importable as ansible.module_utils.*.
+# Runs a module file as Ansible would on the server, with the collection (ansible_collections/ in argv[1]) importable.
 RUN_MODULE = (
-    "import runpy, sys, ansible.module_utils as m; m.__path__.append(sys.argv[1]); "
+    "import runpy, sys; sys.path.insert(0, sys.argv[1]); "
     "sys.argv = sys.argv[2:]; runpy.run_path(sys.argv[0], run_name='__main__')"
 )
 TOOLS = {
@@ -121,13 +121,13 @@ def run_module(module, args, check_mode=False):
 
 
 def module_argv(name, args_file):
-    """argv that runs library/<name>.py in a subprocess as Ansible does on a server."""
+    """argv that runs the collection's module <name> in a subprocess as Ansible does on a server."""
     return [
         sys.executable,
         "-c",
         RUN_MODULE,
-        str(ROOT / "module_utils"),
-        str(ROOT / "library" / f"{name}.py"),
+        str(ROOT),
+        str(ROOT / "ansible_collections/gpulab/lab" / "plugins" / "modules" / f"{name}.py"),
         args_file,
     ]
 

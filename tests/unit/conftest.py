@@ -1,24 +1,10 @@
-"""Make gpulab's own modules importable by the unit tests, the way ansible.cfg wires them for Ansible."""
+"""Shared fixtures of the unit tests. gpulab's modules, module_utils and filters are the collection gpulab.lab in
+ansible_collections/ of the project's root, which pyproject.toml puts on pytest's path: tests import them as
+ansible_collections.gpulab.lab.plugins.<kind>.<name>, as Ansible does."""
 
-import sys
-from pathlib import Path
-
-import ansible.module_utils
 import pytest
 from ansible.module_utils import basic
-
-ROOT = Path(__file__).resolve().parents[2]
-for sub in ("library", "module_utils"):
-    path = str(ROOT / sub)
-    if path not in sys.path:
-        sys.path.insert(0, path)
-# gpulab's module_utils, importable as ansible.module_utils.<name> as Ansible ships them to the server.
-if str(ROOT / "module_utils") not in ansible.module_utils.__path__:
-    ansible.module_utils.__path__.append(str(ROOT / "module_utils"))
-
-
-# Imported after the path set-up above.
-from module_harness import ModuleExit, ModuleFail  # noqa: E402
+from module_harness import ModuleExit, ModuleFail
 
 
 @pytest.fixture

@@ -18,10 +18,11 @@ import tarfile
 import uuid
 from pathlib import Path
 
-import gpulab_backup as gb
-import gpulab_overlay
 import pytest
 from backup_harness import LABEL, needs_docker
+
+from ansible_collections.gpulab.lab.plugins.module_utils import gpulab_backup as gb
+from ansible_collections.gpulab.lab.plugins.module_utils import overlay as gpulab_overlay
 
 # ---- archives made here --------------------------------------------------------------------------------------------
 

@@ -20,10 +20,10 @@ import subprocess
 import uuid
 from pathlib import Path
 
-import container_backup
-import container_restore
 import pytest
 from backup_harness import inspect, needs_docker, remove_container, remove_images_of, run_module, sh
+
+from ansible_collections.gpulab.lab.plugins.modules import container_backup, container_restore
 
 pytestmark = [needs_docker, pytest.mark.usefixtures("capture_exit")]
 

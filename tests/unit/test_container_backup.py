@@ -16,9 +16,6 @@ import time
 import uuid
 from pathlib import Path
 
-import container_backup
-import container_restore
-import gpulab_backup as gb
 import pytest
 from backup_harness import (
     ROOT,
@@ -36,6 +33,9 @@ from backup_harness import (
     write_args,
 )
 from module_harness import ModuleFail
+
+from ansible_collections.gpulab.lab.plugins.module_utils import gpulab_backup as gb
+from ansible_collections.gpulab.lab.plugins.modules import container_backup, container_restore
 
 pytestmark = [needs_docker, pytest.mark.usefixtures("capture_exit")]
 
@@ -449,7 +449,7 @@ def test_skipped_mounts_and_secrets(tiny, tmp_path):
 def test_the_command_line_of_the_systemd_timer(container, tmp_path):
     """module_utils/gpulab_backup.py run on its own by python3, without Ansible."""
     store = tmp_path / "store"
-    script = ROOT / "module_utils" / "gpulab_backup.py"
+    script = ROOT / "ansible_collections" / "gpulab" / "lab" / "plugins" / "module_utils" / "gpulab_backup.py"
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     # The server's own python3 (Debian's, without Ansible) when there is one, as the timer runs it.
     python = "/usr/bin/python3" if os.access("/usr/bin/python3", os.X_OK) else sys.executable

@@ -14,9 +14,6 @@ import time
 import uuid
 from pathlib import Path
 
-import container_backup
-import container_restore
-import gpulab_backup as gb
 import pytest
 from backup_harness import (
     build_tiny_image,
@@ -32,6 +29,9 @@ from backup_harness import (
     sh,
 )
 from module_harness import ModuleFail
+
+from ansible_collections.gpulab.lab.plugins.module_utils import gpulab_backup as gb
+from ansible_collections.gpulab.lab.plugins.modules import container_backup, container_restore
 
 pytestmark = [needs_docker, pytest.mark.usefixtures("capture_exit")]
 

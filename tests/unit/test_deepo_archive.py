@@ -15,10 +15,11 @@ import subprocess
 import tarfile
 import uuid
 
-import docker_image_archive as dia
 import pytest
 from ansible.module_utils.testing import patch_module_args
 from module_harness import ModuleExit, ModuleFail
+
+from ansible_collections.gpulab.lab.plugins.modules import docker_image_archive as dia
 
 SOCKET = "/var/run/docker.sock"
 

@@ -5,11 +5,12 @@ that need one are tested in molecule/deepo-pull, against a real registry on the 
 import base64
 import json
 
-import docker_image_pull_progress as pull
 import pytest
-from ansible.module_utils import gpulab_docker_api as api
 from ansible.module_utils.testing import patch_module_args
 from module_harness import ModuleExit
+
+from ansible_collections.gpulab.lab.plugins.module_utils import docker_api as api
+from ansible_collections.gpulab.lab.plugins.modules import docker_image_pull_progress as pull
 
 SOCKET = "unix:///var/run/docker.sock"
 PRESENT = "gpulab-test/debian:12"  # the harness's base image, always on a test machine

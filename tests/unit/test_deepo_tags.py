@@ -1,4 +1,4 @@
-"""Tests of the deepo role's tag choice (roles/deepo/filter_plugins/deepo_tags.py) against the role's real tag table
+"""Tests of the deepo role's tag choice (plugins/filter/deepo_tags.py) against the role's real tag table
 (roles/deepo/vars/main.yml) and gpu_facts' real output: the H200 capture (driver 580, CUDA 13.0), the V100 case
 derived from it (driver 470, CUDA 11.4), and older drivers derived from those by changing the CUDA version only.
 """
@@ -6,19 +6,19 @@ derived from it (driver 470, CUDA 11.4), and older drivers derived from those by
 import copy
 import importlib
 import json
-import sys
 from pathlib import Path
 
-import gpu_facts
 import pytest
 import yaml
 
+from ansible_collections.gpulab.lab.plugins.modules import gpu_facts
+
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "roles" / "deepo" / "filter_plugins"))
-deepo_tags = importlib.import_module("deepo_tags")
+deepo_tags = importlib.import_module("ansible_collections.gpulab.lab.plugins.filter.deepo_tags")
 
 FIXTURES = ROOT / "tests" / "fixtures" / "nvidia-smi"
-TABLE = yaml.safe_load((ROOT / "roles" / "deepo" / "vars" / "main.yml").read_text())["__deepo_tag_table"]
+ROLE_VARS = ROOT / "ansible_collections" / "gpulab" / "lab" / "roles" / "deepo" / "vars" / "main.yml"
+TABLE = yaml.safe_load(ROLE_VARS.read_text())["__deepo_tag_table"]
 
 
 def h200():

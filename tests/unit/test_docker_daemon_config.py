@@ -4,11 +4,12 @@ import json
 import os
 import stat
 
-import docker_daemon_config as ddc
 import pytest
 import yaml
 from ansible.module_utils.testing import patch_module_args
 from module_harness import ModuleExit, ModuleFail
+
+from ansible_collections.gpulab.lab.plugins.modules import docker_daemon_config as ddc
 
 OLD_MTIME_NS = 1_500_000_000 * 10**9
 

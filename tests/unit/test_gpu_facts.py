@@ -9,11 +9,12 @@ import textwrap
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-import gpu_facts
 import pytest
 import yaml
 from ansible.module_utils import basic
 from ansible.module_utils.testing import patch_module_args
+
+from ansible_collections.gpulab.lab.plugins.modules import gpu_facts
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "nvidia-smi"
 H200_UUID = "GPU-00000000-1111-2222-3333-444444444444"

@@ -1,4 +1,4 @@
-"""Tests of the notebook role's decisions (roles/notebook/filter_plugins/notebook.py): the plan of notebook_users
+"""Tests of the notebook role's decisions (plugins/filter/notebook.py): the plan of notebook_users
 against a server (accounts, GPUs from gpu_facts' real H200 output, paths, containers as Docker's API lists them,
 listening sockets as `ss -Htln` prints them), the Jupyter flavour of an image, the command line, the config file with
 the secrets, the access sheet and the summary.
@@ -13,15 +13,13 @@ import importlib
 import ipaddress
 import json
 import secrets
-import sys
 from pathlib import Path
 
 import pytest
 from ansible.errors import AnsibleFilterError
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "roles" / "notebook" / "filter_plugins"))
-nb = importlib.import_module("notebook")
+nb = importlib.import_module("ansible_collections.gpulab.lab.plugins.filter.notebook")
 
 H200 = json.loads((ROOT / "tests" / "fixtures" / "nvidia-smi" / "h200" / "gpu_facts-on-device.json").read_text())["gpu"]
 H200_UUID = H200["gpus"][0]["uuid"]

@@ -13,8 +13,9 @@ import stat
 import tarfile
 import threading
 
-import gpulab_overlay as go
 import pytest
+
+from ansible_collections.gpulab.lab.plugins.module_utils import overlay as go
 
 SPACED = "a file with spaces.txt"
 NON_ASCII = "données_日本語_ß.txt"

@@ -3,11 +3,11 @@
 One module-scoped fixture runs the cycle the way a lab lives it, and the tests check its outcome:
 1. each student changes the notebook: a Python module installed into the container's site-packages, a file saved
    through Jupyter into the work directory;
-2. playbooks/backup.yml: the store on the server, its copy on the control node (backup_fetch_dir), the timer;
-3. a small change and playbooks/backup.yml again: the copy grows by little;
+2. gpulab.lab.backup: the store on the server, its copy on the control node (backup_fetch_dir), the timer;
+3. a small change and gpulab.lab.backup again: the copy grows by little;
 4. the reinstall: containers and images removed, Docker's packages purged, /var/lib/docker, /etc/docker, the work
    directories, the notebooks' configs and the server's whole backup store wiped;
-5. playbooks/restore.yml from the control node's copy; then site.yml again, which must leave the restored notebooks
+5. gpulab.lab.restore from the control node's copy; then site.yml again, which must leave the restored notebooks
    (and the students' changes in them) alone.
 """
 
@@ -85,10 +85,10 @@ def cycle(host):
         assert answer["put"] == 201, answer
         before[name] = container(host, name)
 
-    first = play(hostname, "playbooks/backup.yml")
+    first = play(hostname, "gpulab.lab.backup")
     first_size = copy_size()
     host.check_output(f"docker exec -u 0 notebook-student1 sh -c 'echo {MARK} > /opt/after-first-backup.txt'")
-    second = play(hostname, "playbooks/backup.yml")
+    second = play(hostname, "gpulab.lab.backup")
     second_size = copy_size()
 
     # The reinstall: nothing of Docker, the notebooks or the server's store is left.
@@ -105,7 +105,7 @@ def cycle(host):
         "/var/backups/gpulab": host.file("/var/backups/gpulab").exists,
         "dockerd": host.run("command -v dockerd").rc == 0,
     }
-    restore = play(hostname, "playbooks/restore.yml")
+    restore = play(hostname, "gpulab.lab.restore")
     after_restore = {name: container(host, name) for name in USERS} if restore.rc == 0 else {}
     again = play(hostname, "site.yml") if restore.rc == 0 else None
     return {
@@ -219,7 +219,7 @@ def test_site_yml_after_the_restore_keeps_the_restored_notebooks(host, cycle):
 
 def test_a_backup_id_for_several_containers_is_refused_with_nothing_changed(host, cycle):
     before = {name: container(host, name)["Id"] for name in USERS}
-    refused = play(host.backend.host, "playbooks/restore.yml", {"backup_restore_id": "20250101T000000.000Z-000000"})
+    refused = play(host.backend.host, "gpulab.lab.restore", {"backup_restore_id": "20250101T000000.000Z-000000"})
     assert refused.rc != 0 and refused.failed == 1
     assert "backup_restore_id names one backup of one container: set backup_containers" in refused.text
     assert {name: container(host, name)["Id"] for name in USERS} == before

@@ -2,7 +2,7 @@
 
 prepare built three small images on the instance's engine, saved them, fetched the archives to the control node
 (MOLECULE_EPHEMERAL_DIRECTORY/archives: deepo.tar.zst, cuda-base.tar.gz, tools.tar, with each image's ID in
-<name>.id) and removed the images. converge loaded them through the role. The later tests run playbooks/deepo.yml
+<name>.id) and removed the images. converge loaded them through the role. The later tests run gpulab.lab.deepo
 again: a run that loads nothing, then a wrong deepo_image_archive_sha256, a truncated archive and a RAR file, each of
 which must fail with a clear message and load nothing.
 """
@@ -31,12 +31,12 @@ def hostname(host):
 
 @pytest.fixture(scope="module")
 def deepo_play(hostname, tmp_path_factory):
-    """Run playbooks/deepo.yml against the instance (in group gpu_servers) with extra vars; returns a Run."""
+    """Run gpulab.lab.deepo against the instance (in group gpu_servers) with extra vars; returns a Run."""
     groups = gpu_servers_inventory(tmp_path_factory.mktemp("inventory") / "gpu_servers.yml", hostname)
 
     def run(extra_vars, *options):
         return run_playbook(
-            hostname, "playbooks/deepo.yml", extra_vars, *options, inventories=[groups],
+            hostname, "gpulab.lab.deepo", extra_vars, *options, inventories=[groups],
             env={"ANSIBLE_CALLBACK_RESULT_FORMAT": "json"}, timeout=300,
         )  # fmt: skip
 

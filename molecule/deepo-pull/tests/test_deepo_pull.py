@@ -27,7 +27,7 @@ def deepo_play(host, tmp_path_factory):
     groups = gpu_servers_inventory(tmp_path_factory.mktemp("inventory") / "gpu_servers.yml", hostname)
 
     def run(extra_vars):
-        return run_playbook(hostname, "playbooks/deepo.yml", extra_vars, inventories=[groups], timeout=300)
+        return run_playbook(hostname, "gpulab.lab.deepo", extra_vars, inventories=[groups], timeout=300)
 
     return run
 

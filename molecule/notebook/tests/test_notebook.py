@@ -7,7 +7,7 @@ reaches the runtime (the OCI spec's hook and NVIDIA_VISIBLE_DEVICES), not GPU ac
 
 The first tests look at the converged server: the containers, Jupyter over HTTP inside the server and through a real
 `ssh -L` tunnel from this machine (the instance's sshd is published on 127.0.0.1), the files, the secrets, the access
-sheet. The later ones run playbooks/notebook.yml again against the instance: bad input (every problem reported, with
+sheet. The later ones run gpulab.lab.notebook again against the instance: bad input (every problem reported, with
 nothing changed), check mode, a changed memory limit and password, and state: absent; they run in this file's order.
 """
 
@@ -28,7 +28,7 @@ import testinfra
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "shared" / "tests"))
 from jupyter_client import Jupyter
-from playbook_run import PROJECT_DIR, run_playbook
+from playbook_run import run_playbook
 
 EPHEMERAL = Path(os.environ["MOLECULE_EPHEMERAL_DIRECTORY"])
 KEY = EPHEMERAL / "ssh" / "id_ed25519"
@@ -69,16 +69,13 @@ def sheet(hostname):
 
 @pytest.fixture(scope="module")
 def notebook_play(hostname):
-    """Run playbooks/notebook.yml against the instance with extra vars; returns a Run."""
+    """Run gpulab.lab.notebook against the instance with extra vars; returns a Run."""
     env = {
-        "ANSIBLE_ROLES_PATH": str(PROJECT_DIR / "roles"),
-        "ANSIBLE_LIBRARY": str(PROJECT_DIR / "library"),
-        "ANSIBLE_MODULE_UTILS": str(PROJECT_DIR / "module_utils"),
         "ANSIBLE_CALLBACK_RESULT_FORMAT": "json",
     }
 
     def run(extra_vars, *options):
-        return run_playbook(hostname, "playbooks/notebook.yml", extra_vars, *options, env=env)
+        return run_playbook(hostname, "gpulab.lab.notebook", extra_vars, *options, env=env)
 
     return run
 

@@ -7,7 +7,7 @@ paths, but /usr/bin/nvidia-container-runtime hands every call over to runc. Thes
 (repository, package, daemon.json, Docker's runtimes, removal of nvidia-docker 1.0, the no-GPU decisions, the
 check that runs in a container), not GPU access.
 
-The tests run top to bottom. The later ones run playbooks/nvidia.yml again (ansible-playbook against the molecule
+The tests run top to bottom. The later ones run gpulab.lab.nvidia again (ansible-playbook against the molecule
 inventory) and change the server: first without a GPU (nvidia_runtime_required true, auto), then with
 nvidia_runtime_default: false on a server with a fresh stale nvidia-docker 1.0 and a stand-in nvidia-smi that replays
 the real H200's output, last in check mode, which must find nothing left to change.
@@ -56,12 +56,12 @@ def hostname(host):
 
 @pytest.fixture(scope="module")
 def nvidia_play(hostname, tmp_path_factory):
-    """Run playbooks/nvidia.yml against the instance (in group gpu_servers) with extra vars; returns a Run."""
+    """Run gpulab.lab.nvidia against the instance (in group gpu_servers) with extra vars; returns a Run."""
     groups = gpu_servers_inventory(tmp_path_factory.mktemp("inventory") / "gpu_servers.yml", hostname)
 
     def run(extra_vars, *options):
         return run_playbook(
-            hostname, "playbooks/nvidia.yml", extra_vars, *options, inventories=[groups],
+            hostname, "gpulab.lab.nvidia", extra_vars, *options, inventories=[groups],
             env={"ANSIBLE_CALLBACK_RESULT_FORMAT": "json"},
         )  # fmt: skip
 
@@ -131,7 +131,7 @@ def test_the_stale_nvidia_docker_1_is_gone(host):
     assert "nvidia_driver_470.256.02" not in host.check_output("docker volume ls -q")
 
 
-# ---- playbooks/nvidia.yml again, on the server without a GPU --------------------------------------------------
+# ---- gpulab.lab.nvidia again, on the server without a GPU --------------------------------------------------
 
 
 def test_without_a_gpu_required_true_fails_before_changing_anything(host, nvidia_play, hostname):

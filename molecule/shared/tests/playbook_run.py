@@ -3,7 +3,7 @@
     sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "shared" / "tests"))
     from playbook_run import PROJECT_DIR, gpu_servers_inventory, run_playbook
 
-run_playbook(hostname, "playbooks/deepo.yml", {"deepo_image_tag": "x"}, "--check") runs the playbook with the
+run_playbook(hostname, "gpulab.lab.deepo", {"deepo_image_tag": "x"}, "--check") runs the playbook with the
 molecule inventory (and any extra inventories), colours off, and returns a Run: its return code, its raw and
 whitespace-normalised output, and the host's recap figures; `"some words" in run` looks for words in the output.
 """
@@ -38,6 +38,11 @@ class Run:
         return " ".join(words.split()) in self.text
 
 
+def collections_path():
+    """Where ansible-playbook finds gpulab.lab (the project's ansible_collections/) before any other collection."""
+    return os.pathsep.join([str(PROJECT_DIR), os.environ.get("ANSIBLE_COLLECTIONS_PATH", "~/.ansible/collections")])
+
+
 def gpu_servers_inventory(path, hostname):
     """An inventory file that puts the instance in group gpu_servers (the plays' hosts). The plays say become: true;
     ansible connects as root through docker exec here (no sudo)."""
@@ -46,7 +51,8 @@ def gpu_servers_inventory(path, hostname):
 
 
 def run_playbook(hostname, playbook, extra_vars=None, *options, inventories=(), env=None, timeout=400):
-    """Run PROJECT_DIR/playbook against the molecule inventory (plus `inventories`); returns a Run."""
+    """Run a playbook against the molecule inventory (plus `inventories`); returns a Run. `playbook` is one of the
+    collection's (gpulab.lab.deepo) or a file of the project (site.yml)."""
     playbook_bin = shutil.which("ansible-playbook", path=str(Path(sys.executable).parent)) or "ansible-playbook"
     command = [playbook_bin, "-i", os.environ["MOLECULE_INVENTORY_FILE"]]
     for inventory in inventories:
@@ -54,7 +60,8 @@ def run_playbook(hostname, playbook, extra_vars=None, *options, inventories=(), 
     command += list(options)
     if extra_vars:
         command += ["-e", json.dumps(extra_vars)]
-    command.append(str(PROJECT_DIR / playbook))
+    command.append(playbook if playbook.startswith("gpulab.lab.") else str(PROJECT_DIR / playbook))
     environment = dict(os.environ, ANSIBLE_NOCOLOR="1", ANSIBLE_FORCE_COLOR="0", **(env or {}))
+    environment["ANSIBLE_COLLECTIONS_PATH"] = collections_path()
     proc = subprocess.run(command, capture_output=True, text=True, env=environment, timeout=timeout, check=False)
     return Run(proc, hostname)

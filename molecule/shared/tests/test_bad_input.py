@@ -61,14 +61,14 @@ def run_role(tmp_path, extra_vars):
             - name: Apply the docker role with bad input
               hosts: all
               roles:
-                - role: docker
+                - role: gpulab.lab.docker
             """)
     )
     env = dict(os.environ)
     env.update(
-        ANSIBLE_ROLES_PATH=str(PROJECT / "roles"),
-        ANSIBLE_LIBRARY=str(PROJECT / "library"),
-        ANSIBLE_MODULE_UTILS=str(PROJECT / "module_utils"),
+        ANSIBLE_COLLECTIONS_PATH=os.pathsep.join(
+            [str(PROJECT), env.get("ANSIBLE_COLLECTIONS_PATH", "~/.ansible/collections")]
+        ),
         ANSIBLE_PIPELINING="true",
         ANSIBLE_NOCOLOR="1",
         ANSIBLE_FORCE_COLOR="0",

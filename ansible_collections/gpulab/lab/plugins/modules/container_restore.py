@@ -1,0 +1,276 @@
+#!/usr/bin/python
+# Copyright (c) gpulab developers
+# SPDX-License-Identifier: MIT
+
+"""Restore a Docker container from gpulab's backup store: verify, load the image, put the work directory back, and
+create the container again with the settings it ran with.
+
+Why gpulab writes its own module: the store that container_backup writes (content-addressed, zstd-compressed layer
+blobs and a manifest per backup) is gpulab's own; no Ansible module reads it. community.docker.docker_image_load needs
+a finished tar file (the store would have to be unpacked into a second multi-GB copy first) and checks no checksum;
+docker_container cannot take "the settings this container had" from a backup. This module checks every blob of the
+backup before Docker changes: presence, size and sha256 of each stored file before the engine is asked for anything,
+the sha256 of each layer's content as it streams (the engine creates nothing until the tar's last member, which is
+sent only when every layer matched); a damaged or missing blob is an error naming it, and the engine's images and
+containers stay as they were. It streams a `docker load` tar assembled from the blobs into the engine's API in chunks,
+with no read timeout and without holding the image in memory (layers the engine has are not sent), unpacks the
+bind-mount sources with their owners and modes, and creates and starts the container with its saved run settings
+(name, command, env, ports with host IPs, mounts, GPU device requests, restart policy, ipc mode, shm size, memory,
+cpus, labels, user, working dir).
+The code lives in module_utils/gpulab_backup.py. Python's standard library only (3.8 or newer) and the zstd and tar
+programs on the server.
+"""
+
+from __future__ import annotations
+
+DOCUMENTATION = r"""
+---
+module: container_restore
+short_description: Restore a Docker container, its image and its work directory from gpulab's backup store
+version_added: "0.1.0"
+description:
+  - Picks a backup of O(container) in O(store) (O(backup), or the newest complete one) and verifies every blob it
+    references before Docker is changed (present, the size and sha256 of the stored file, and the sha256 of the
+    content it decompresses to; see O(verify)). A missing or damaged blob is an error that names it, and the engine's
+    images and containers stay as they were.
+  - Loads the image by streaming a C(docker load) tar assembled from the blobs into the engine (layers the engine
+    already has, for example those of the deep-learning image after a reinstall, are not sent again) and tags it
+    C(gpulab-backup/<container>:<backup id>). An image already in the engine is only tagged.
+  - With O(restore_workdir) (the default), unpacks the archived bind-mount sources where they were, with their
+    owners, modes and extended attributes, over what is there (files the backup does not have are kept).
+  - Creates the container with its saved run settings, labels it C(io.gpulab.backup.restored-from=<backup id>) and
+    starts it if it was running when it was backed up.
+  - An existing container of the same name is left alone, and the module says so, unless O(force=true); it is then
+    removed (after the image is loaded) and created again.
+  - Takes a shared lock on the store, so that no backup removes blobs while they are read.
+author:
+  - gpulab developers
+options:
+  store:
+    description: The backup store on the server.
+    type: path
+    required: true
+  container:
+    description: Name of the backed-up container (it is created again under this name).
+    type: str
+    required: true
+  backup:
+    description: ID of the backup to restore; the newest complete backup when omitted.
+    type: str
+  force:
+    description: Replace an existing container of that name.
+    type: bool
+    default: false
+  restore_workdir:
+    description: Unpack the archived bind-mount sources (work directory, config files).
+    type: bool
+    default: true
+  verify_only:
+    description: Only verify the backup (every checksum); do not talk to Docker.
+    type: bool
+    default: false
+  verify:
+    description:
+      - What is checked, besides every blob's presence, size and the sha256 of its stored file (always, before
+        Docker is touched).
+      - V(content) (default) also checks the sha256 of the content of the bind-mount archives before anything
+        changes, and of each layer as it streams into the engine; the tar's last member, without which the engine
+        creates no image, is sent only when every layer matched, so a mismatch leaves the engine as it was.
+      - V(full) checks the content of every blob before Docker is touched (every blob is decompressed twice).
+      - V(stored) checks no content digest itself (zstd's frame checksums and the engine's own layer digests still
+        apply while loading).
+      - O(verify_only=true) always checks in full.
+    type: str
+    choices: [content, full, stored]
+    default: content
+  env:
+    description:
+      - Environment variables set on the restored container, over the saved ones. Must give the values of the
+        variables the backup left out as secrets.
+    type: dict
+  start:
+    description: Start the container after creating it; by default, when it was running at the backup.
+    type: bool
+  docker_host:
+    description: The engine's socket.
+    type: str
+    default: unix:///var/run/docker.sock
+  timeout:
+    description: Seconds to wait for each read from the engine; V(0) waits for ever.
+    type: int
+    default: 0
+  progress_file:
+    description: File the progress is written to as JSON (phase, seconds, bytes verified and sent), for async callers.
+    type: path
+attributes:
+  check_mode:
+    description: Can run in check mode and return changed status prediction without modifying target.
+    support: full
+  diff_mode:
+    description: Will return details on what has changed (or possibly needs changing in check mode), when in diff mode.
+    support: none
+  idempotent:
+    description: When run twice in a row, the second run reports no change.
+    support: full
+notes:
+  - In check mode the blobs are checked for presence and size only.
+  - Idempotent in that a second run finds the container and leaves it alone (unless O(force=true)).
+"""
+
+EXAMPLES = r"""
+---
+- name: Rebuild the notebook of alice from the newest backup
+  container_restore:
+    store: /var/backups/gpulab
+    container: alice-notebook
+
+- name: Check a backup without touching Docker
+  container_restore:
+    store: /var/backups/gpulab
+    container: alice-notebook
+    backup: 20250131T235959.123Z-1a2b3c
+    verify_only: true
+"""
+
+RETURN = r"""
+---
+backup_id:
+  description: The backup restored (or verified).
+  type: str
+  returned: always
+manifest:
+  description: Path of its manifest.
+  type: str
+  returned: always
+image:
+  description: The name the restored image is tagged with.
+  type: str
+  returned: always
+  sample: gpulab-backup/alice-notebook:20250131T235959.123Z-1a2b3c
+image_id:
+  description: ID of the restored image.
+  type: str
+  returned: always
+verified:
+  description: What was verified before Docker was touched, C(content), C(full), C(stored), or C(sizes) (check mode).
+  type: str
+  returned: always
+verified_blobs:
+  description: Number of blobs verified.
+  type: int
+  returned: always
+verified_bytes:
+  description: Bytes of stored files whose sha256 was verified.
+  type: int
+  returned: always
+verified_content_bytes:
+  description: Uncompressed bytes whose sha256 was verified (before Docker, or while streaming with V(content)).
+  type: int
+  returned: always
+image_loaded:
+  description: Whether the image was streamed into the engine (false when it was there and only tagged).
+  type: bool
+  returned: always
+layers_sent:
+  description: Layers sent to the engine.
+  type: int
+  returned: always
+layers_present:
+  description: Layers the engine already had (sent as empty placeholders, or not at all).
+  type: int
+  returned: always
+bytes_sent:
+  description: Bytes of the docker load tar sent to the engine.
+  type: int
+  returned: always
+workdir_restored:
+  description: Bind-mount sources unpacked.
+  type: list
+  elements: str
+  returned: always
+replaced_container:
+  description: Whether an existing container of that name was removed (O(force=true)).
+  type: bool
+  returned: always
+container_exists:
+  description: True when an existing container was left alone.
+  type: bool
+  returned: when it was
+container_id:
+  description: ID of the created container.
+  type: str
+  returned: when a container was created
+container_started:
+  description:
+    - Whether the container was started.
+    - Not C(started), which Ansible's async machinery reserves; a module result with C(started) never reads as
+      finished to C(async_status).
+  type: bool
+  returned: always
+seconds:
+  description: Duration of the restore.
+  type: float
+  returned: always
+notices:
+  description: Things the user should know (a newer backup was incomplete, ...).
+  type: list
+  elements: str
+  returned: always
+"""
+
+import traceback
+
+from ansible.module_utils.basic import AnsibleModule
+
+from ansible_collections.gpulab.lab.plugins.module_utils import docker_api as api
+from ansible_collections.gpulab.lab.plugins.module_utils import gpulab_backup as backup
+
+
+def main():
+    module = AnsibleModule(
+        argument_spec={
+            "store": {"type": "path", "required": True},
+            "container": {"type": "str", "required": True},
+            "backup": {"type": "str"},
+            "force": {"type": "bool", "default": False},
+            "restore_workdir": {"type": "bool", "default": True},
+            "verify_only": {"type": "bool", "default": False},
+            "verify": {"type": "str", "default": "content", "choices": ["content", "full", "stored"]},
+            "env": {"type": "dict", "no_log": True},
+            "start": {"type": "bool"},
+            "docker_host": {"type": "str", "default": "unix:///var/run/docker.sock"},
+            "timeout": {"type": "int", "default": 0},
+            "progress_file": {"type": "path"},
+        },
+        supports_check_mode=True,
+    )
+    p = module.params
+    try:
+        job = backup.RestoreJob(
+            store=p["store"],
+            container=p["container"],
+            backup=p["backup"],
+            force=p["force"],
+            restore_workdir=p["restore_workdir"],
+            verify_only=p["verify_only"],
+            verify=p["verify"],
+            env=p["env"],
+            start=p["start"],
+            docker_host=p["docker_host"],
+            timeout=p["timeout"],
+            progress_file=p["progress_file"],
+        )
+        result = job.run(check_mode=module.check_mode)
+    except (backup.BackupError, api.DockerApiError) as e:
+        module.fail_json(msg=str(e), container=p["container"])
+    except Exception as e:
+        module.fail_json(msg=f"Unexpected error restoring {p['container']}: {e}", exception=traceback.format_exc())
+    # Shown as Ansible warnings, and returned as notices (a module's own "warnings" key is deprecated in ansible-core).
+    notices = result.pop("warnings", [])
+    for notice in notices:
+        module.warn(notice)
+    module.exit_json(notices=notices, **result)
+
+
+if __name__ == "__main__":
+    main()
