@@ -1,96 +1,33 @@
-"""Tests of the notebook role's decisions (plugins/filter/notebook.py): the plan of notebook_users
-against a server (accounts, GPUs from gpu_facts' real H200 output, paths, containers as Docker's API lists them,
-listening sockets as `ss -Htln` prints them), the Jupyter flavour of an image, the command line, the config file with
-the secrets, the access sheet and the summary.
+"""Tests of the notebook role's plan (plugins/filter/notebook_plan.py and notebook_server.py): notebook_users against
+a server (accounts, GPUs from gpu_facts' real H200 output, paths, containers as Docker's API lists them, listening
+sockets as `ss -Htln` prints them).
 
 Every refusal the role promises has its case here; the molecule scenario `notebook` runs them against a real server.
 """
 
-import base64
-import copy
-import hashlib
 import importlib
-import ipaddress
 import json
-import secrets
-from pathlib import Path
 
 import pytest
 from ansible.errors import AnsibleFilterError
+from notebook_cases import (
+    EVERYWHERE,
+    H200_UUID,
+    IMAGE,
+    NO_GPU,
+    PASSWORD,
+    TOKEN,
+    container,
+    errors_of,
+    plan,
+    settings,
+    users,
+    with_entry,
+)
 
-ROOT = Path(__file__).resolve().parents[2]
-nb = importlib.import_module("ansible_collections.gpulab.lab.plugins.filter.notebook")
-
-H200 = json.loads((ROOT / "tests" / "fixtures" / "nvidia-smi" / "h200" / "gpu_facts-on-device.json").read_text())["gpu"]
-H200_UUID = H200["gpus"][0]["uuid"]
-NO_GPU = {"present": False, "count": 0, "gpus": []}
-TOKEN = secrets.token_hex(24)
-PASSWORD = secrets.token_urlsafe(12) + " with spaces"
-EVERYWHERE = str(ipaddress.IPv4Address(0))  # the bind address of every interface
-IMAGE = "gpulab-test/dl-notebook:latest"
-NOTEBOOK6 = {"notebook": "6.4.12", "jupyter_server": None, "jupyterlab": None}
-
-
-def users():
-    return [
-        {"name": "student1", "port": 7777, "workdir": "/srv/notebooks/student1", "gpus": [0], "token": TOKEN},
-        {"name": "student2", "port": 7778, "workdir": "/srv/notebooks/student2/", "password": PASSWORD},
-    ]
-
-
-def settings(**more):
-    base = {
-        "host": "gpu01",
-        "bind_address": "127.0.0.1",
-        "default_image": IMAGE,
-        "frontend": "notebook",
-        "ipc_mode": "host",
-        "container_prefix": "notebook-",
-        "config_dir": "/etc/gpulab/notebook",
-        "gpu": H200,
-        "accounts": {
-            "student1": ["x", "1000", "1000", "", "/home/student1", "/bin/bash"],
-            "student2": ["x", "1001", "1001", "", "/home/student2", "/bin/bash"],
-        },
-        "paths": [
-            {"item": "/srv/notebooks/student1", "stat": {"exists": False}},
-            {"item": "/srv/notebooks", "stat": {"exists": True, "isdir": True}},
-        ],
-        "containers": [],
-        "listeners": ["0.0.0.0:22", "[::]:22", "127.0.0.53%lo:53"],
-        "nproc": 8,
-    }
-    base.update(more)
-    return base
-
-
-def plan(entries=None, **more):
-    return nb.notebook_plan(users() if entries is None else entries, settings(**more))
-
-
-def errors_of(entries=None, **more):
-    return " | ".join(plan(entries, **more)["errors"])
-
-
-def with_entry(changes=None, **more):
-    """converge's two users and one more entry (entry 3), with `changes` (a dict, or keywords); None removes a key."""
-    entry = {"name": "student3", "port": 7779, "workdir": "/srv/notebooks/student3", "uid": 1002, "token": TOKEN}
-    entry.update(changes or {}, **more)
-    return [*users(), {key: value for key, value in entry.items() if value is not None}]
-
-
-def container(name, ports=(), owner=None, state="running"):
-    """A container as Docker's /containers/json lists it (docker_host_info with verbose_output)."""
-    return {
-        "Id": hashlib.sha256(name.encode()).hexdigest(),
-        "Names": [f"/{name}"],
-        "Labels": {"io.gpulab.notebook.user": owner} if owner else {"maintainer": "someone"},
-        "State": state,
-        "Ports": [{"IP": ip, "PrivatePort": 8888, "PublicPort": port, "Type": "tcp"} for ip, port in ports],
-    }
-
-
-# ---- a good plan ----------------------------------------------------------------------------------------------
+nb = importlib.import_module("ansible_collections.gpulab.lab.plugins.filter.notebook_plan")
+server = importlib.import_module("ansible_collections.gpulab.lab.plugins.filter.notebook_server")
+jupyter = importlib.import_module("ansible_collections.gpulab.lab.plugins.filter.notebook_jupyter")
 
 
 def restored(name, owner, image_label, backup="20261129T101500Z-1a2b3c"):
@@ -161,7 +98,7 @@ def test_two_students_are_planned_as_the_lab_asked():
 def test_the_plan_holds_no_secret():
     entries = users()
     entries[1]["password_hash"] = entries[1].pop("password")
-    entries[1]["password_hash"] = nb.password_hash(PASSWORD, "seed")
+    entries[1]["password_hash"] = jupyter.password_hash(PASSWORD, "seed")
     text = json.dumps(nb.notebook_plan(entries, settings()))
     assert TOKEN not in text and entries[1]["password_hash"] not in text
 
@@ -388,11 +325,11 @@ def test_listeners_from_ss():
         "LISTEN 0      4096 127.0.0.53%lo:53      0.0.0.0:*\n"
         "LISTEN 0      128  [fe80::1%eth0]:8080     [::]:*\n"
     )
-    assert nb.notebook_listeners(output) == ["127.0.0.1:7777", "[::]:22", "127.0.0.53:53", "[fe80::1]:8080"]
+    assert server.notebook_listeners(output) == ["127.0.0.1:7777", "[::]:22", "127.0.0.53:53", "[fe80::1]:8080"]
 
 
 def test_workdirs_and_their_parents_are_looked_at():
-    assert nb.notebook_workdirs([*users(), {"name": "x", "workdir": "relative"}, {"name": "y"}, "junk"]) == [
+    assert server.notebook_workdirs([*users(), {"name": "x", "workdir": "relative"}, {"name": "y"}, "junk"]) == [
         "/srv/notebooks/student1",
         "/srv/notebooks",
         "/srv/notebooks/student2",
@@ -401,208 +338,12 @@ def test_workdirs_and_their_parents_are_looked_at():
 
 def test_image_ids_by_tag_and_digest():
     images = [{"Id": "sha256:aa", "RepoTags": [IMAGE], "RepoDigests": ["lab/x@sha256:bb"]}]
-    assert nb.notebook_image_ids(images, [IMAGE, "lab/x@sha256:bb", "missing:1"]) == {
+    assert jupyter.notebook_image_ids(images, [IMAGE, "lab/x@sha256:bb", "missing:1"]) == {
         IMAGE: "sha256:aa",
         "lab/x@sha256:bb": "sha256:aa",
     }
 
 
-# ---- Jupyter ------------------------------------------------------------------------------------------------
-
-
-def probe(image, versions=None, rc=0, stderr=""):
-    return {"item": image, "rc": rc, "stdout": json.dumps(versions) if versions else "", "stderr": stderr}
-
-
-@pytest.mark.parametrize(
-    ("versions", "frontend", "flavour"),
-    [
-        (NOTEBOOK6, "notebook", "notebook6"),
-        ({"notebook": "7.2.1", "jupyter_server": "2.14.0", "jupyterlab": "4.2.0"}, "notebook", "jupyter_server2"),
-        ({"notebook": "7.2.1", "jupyter_server": "2.14.0", "jupyterlab": "4.2.0"}, "lab", "jupyter_server2"),
-        ({"notebook": "6.5.4", "jupyter_server": "1.24.0", "jupyterlab": "3.6.3"}, "lab", "jupyter_server1"),
-        ({"notebook": "6.5.4", "jupyter_server": "1.24.0", "jupyterlab": "3.6.3"}, "notebook", "notebook6"),
-        ({"notebook": "6.0.3", "jupyter_server": None, "jupyterlab": "2.2.9"}, "lab", "notebook6"),
-    ],
-)
-def test_the_flavour_follows_the_images_jupyter(versions, frontend, flavour):
-    flavours = nb.notebook_flavours([probe(IMAGE, versions)])
-    assert flavours[IMAGE] == {"versions": versions, "new": True}
-    users_ = [{**plan()["users"][0], "frontend": frontend}]
-    result = nb.notebook_commands(users_, flavours)
-    assert result["errors"] == []
-    assert result["users"][0]["flavour"] == flavour
-
-
-def test_the_command_line():
-    result = nb.notebook_commands(plan()["users"], nb.notebook_flavours([probe(IMAGE, NOTEBOOK6)]))
-    assert result["users"][0]["command"] == [
-        "python3",
-        "-m",
-        "notebook",
-        "--no-browser",
-        "--ip=0.0.0.0",
-        "--port=8888",
-        "--allow-root",
-        "--notebook-dir=/workspace",
-        "--config=/etc/gpulab-notebook/gpulab_jupyter_config.json",
-    ]
-    lab = [{**plan()["users"][0], "frontend": "lab", "container_workdir": "/home/jovyan/work"}]
-    versions = {"notebook": None, "jupyter_server": "2.14.0", "jupyterlab": "4.2.0"}
-    images = {IMAGE: {"python": "/opt/conda/bin/python"}}
-    command = nb.notebook_commands(lab, nb.notebook_flavours([probe(IMAGE, versions)]), images)["users"][0]["command"]
-    assert command[:3] == ["/opt/conda/bin/python", "-m", "jupyterlab"]
-    assert "--notebook-dir=/home/jovyan/work" in command
-
-
-@pytest.mark.parametrize(
-    ("versions", "frontend", "expected"),
-    [
-        (NOTEBOOK6, "lab", "has no JupyterLab (python module jupyterlab); use frontend: notebook"),
-        ({"notebook": None, "jupyter_server": "2.1", "jupyterlab": "4.0"}, "notebook", "use frontend: lab"),
-    ],
-)
-def test_an_image_without_the_frontend_is_refused(versions, frontend, expected):
-    users_ = [{**plan()["users"][0], "frontend": frontend}]
-    result = nb.notebook_commands(users_, nb.notebook_flavours([probe(IMAGE, versions)]))
-    assert expected in result["errors"][0]
-
-
-def test_an_image_that_cannot_be_asked_is_refused():
-    found = nb.notebook_flavours([probe(IMAGE, rc=127, stderr='exec: "python3": executable file not found')])
-    assert "could not ask the image" in found[IMAGE]["error"]
-    assert "python3" in found[IMAGE]["error"] and "declare it in notebook_images" in found[IMAGE]["error"]
-    assert "error" in nb.notebook_flavours([{**probe(IMAGE), "stdout": "Segmentation fault"}])[IMAGE]
-
-
-def test_declared_and_cached_images_are_not_probed():
-    cached = [{"item": "a:1", "content": base64.b64encode(json.dumps(NOTEBOOK6).encode()).decode()}]
-    cached.append({"item": "b:1", "content": base64.b64encode(b"garbage").decode()})  # ignored: probed instead
-    found = nb.notebook_flavours([probe("b:1", NOTEBOOK6)], {"c:1": {"flavour": "jupyter_server2"}}, cached)
-    assert found == {
-        "c:1": {"flavour": "jupyter_server2"},
-        "a:1": {"versions": NOTEBOOK6},
-        "b:1": {"versions": NOTEBOOK6, "new": True},
-    }
-    assert "error" in nb.notebook_flavours([], {"d:1": {"flavour": "jupyter9"}})["d:1"]
-
-
-def test_an_absent_user_needs_no_image():
-    result = nb.notebook_commands([{"name": "old", "state": "absent", "image": ""}], {})
-    assert result["errors"] == []
-
-
-# ---- the config file with the secrets -------------------------------------------------------------------------
-
-
-def jupyter_passwd_check(hashed, passphrase):
-    """notebook.auth.security.passwd_check / jupyter_server.auth.security.passwd_check for salted hashes."""
-    algorithm, salt, digest = hashed.split(":", 2)
-    check = hashlib.new(algorithm)
-    check.update(passphrase.encode("utf-8") + salt.encode("ascii"))
-    return check.hexdigest() == digest
-
-
-def test_the_password_hash_is_jupyters_format_and_stable():
-    first = nb.password_hash(PASSWORD, "gpu01\0student2")
-    assert first == nb.password_hash(PASSWORD, "gpu01\0student2")  # so a second run changes nothing
-    assert first != nb.password_hash(PASSWORD, "gpu02\0student2")  # another salt on another server
-    assert first.startswith("sha256:")
-    assert jupyter_passwd_check(first, PASSWORD)
-    assert not jupyter_passwd_check(first, PASSWORD + "!")
-    with pytest.raises(AnsibleFilterError):
-        nb.password_hash("", "seed")
-
-
-def planned_with(flavour, entries=None):
-    result = nb.notebook_commands(plan(entries)["users"], {IMAGE: {"flavour": flavour}})
-    return {user["name"]: user for user in result["users"]}
-
-
-def test_the_config_of_classic_notebook_6():
-    planned = planned_with("notebook6")
-    token_config = json.loads(nb.notebook_jupyter_config(users(), planned["student1"], "gpu01"))
-    assert token_config == {
-        "NotebookApp": {"token": TOKEN, "password": "", "password_required": False, "allow_password_change": False}
-    }
-    password_config = json.loads(nb.notebook_jupyter_config(users(), planned["student2"], "gpu01"))["NotebookApp"]
-    assert password_config["token"] == ""
-    assert password_config["password_required"] is True
-    assert jupyter_passwd_check(password_config["password"], PASSWORD)
-
-
-def test_the_config_of_jupyter_server_1_and_2():
-    planned = planned_with("jupyter_server1")
-    config = json.loads(nb.notebook_jupyter_config(users(), planned["student1"], "gpu01"))
-    assert config["ServerApp"]["token"] == TOKEN
-    planned = planned_with("jupyter_server2")
-    config = json.loads(nb.notebook_jupyter_config(users(), planned["student2"], "gpu01"))
-    assert config["IdentityProvider"] == {"token": ""}
-    assert jupyter_passwd_check(config["PasswordIdentityProvider"]["hashed_password"], PASSWORD)
-    assert config["PasswordIdentityProvider"]["allow_password_change"] is False
-
-
-def test_a_given_hash_is_used_as_it_is_and_auth_none_empties_both():
-    entries = users()
-    argon2 = "argon2:$argon2id$v=19$m=10240,t=10,p=8$c2FsdHNhbHQ$aGFzaGhhc2hoYXNo"
-    entries[1] = {**entries[1], "password_hash": argon2}
-    del entries[1]["password"]
-    planned = planned_with("notebook6", entries)
-    assert json.loads(nb.notebook_jupyter_config(entries, planned["student2"], "gpu01"))["NotebookApp"]["password"] == (
-        argon2
-    )
-    entries = with_entry({"token": None, "auth": "none"})
-    planned = planned_with("jupyter_server2", entries)
-    config = json.loads(nb.notebook_jupyter_config(entries, planned["student3"], "gpu01"))
-    assert config["IdentityProvider"] == {"token": ""}
-    assert config["PasswordIdentityProvider"]["hashed_password"] == ""
-    assert config["PasswordIdentityProvider"]["password_required"] is False
-
-
-def test_the_config_is_stable_text():
-    planned = planned_with("notebook6")
-    one = nb.notebook_jupyter_config(users(), planned["student2"], "gpu01")
-    assert one == nb.notebook_jupyter_config(copy.deepcopy(users()), planned["student2"], "gpu01")
-    assert one.endswith("}\n")
-
-
-# ---- what the people get -------------------------------------------------------------------------------------
-
-
-def test_the_access_sheet():
-    planned = plan()["users"]
-    planned[1]["local_port"] = 8888
-    sheet = nb.notebook_access_sheet(planned, users(), "gpu01.lab.example.org", 22, "gpu01")
-    assert "ssh: ssh -L 7777:127.0.0.1:7777 student1@gpu01.lab.example.org\n" in sheet
-    assert f"url: http://localhost:7777/?token={TOKEN}\n" in sheet
-    assert "ssh: ssh -L 8888:127.0.0.1:7778 student2@gpu01.lab.example.org\n" in sheet
-    assert "url: http://localhost:8888/\n" in sheet
-    assert PASSWORD not in sheet
-    assert "ssh -p 2222 -L" in nb.notebook_access_sheet(planned, users(), "gpu01", 2222)
-
-
-def test_the_access_sheet_leaves_out_removed_users_and_uses_the_bind_address():
-    entries = [{**users()[1], "ssh_user": "s2"}, {"name": "old", "state": "absent"}]
-    planned = plan(entries, bind_address="10.0.0.5")["users"]
-    sheet = nb.notebook_access_sheet(planned, entries, "gpu01")
-    assert "[old]" not in sheet
-    assert "ssh: ssh -L 7778:10.0.0.5:7778 s2@gpu01" in sheet
-
-
-def test_the_summary_holds_no_secret():
-    planned = plan([*users(), {"name": "old", "state": "absent"}])["users"]
-    lines = nb.notebook_summary(planned, "gpu01", 22, "~/.gpulab/access/gpu01.txt")
-    text = "\n".join(lines)
-    assert TOKEN not in text and PASSWORD not in text
-    assert lines[0] == "old: removed (container notebook-old; the workdir is kept)"
-    assert "student1: started, port 7777, GPUs 0, login by token; ssh -L 7777:127.0.0.1:7777 student1@gpu01" in text
-    assert "(URL with token: ~/.gpulab/access/gpu01.txt)" in text
-
-
 def test_bad_arguments():
     with pytest.raises(AnsibleFilterError):
         nb.notebook_plan({"name": "x"}, {})
-    with pytest.raises(AnsibleFilterError):
-        nb.notebook_jupyter_config(users(), {"name": "nobody", "flavour": "notebook6"}, "gpu01")
-    with pytest.raises(AnsibleFilterError):
-        nb.notebook_jupyter_config(users(), {"name": "student1", "flavour": "jupyter9"}, "gpu01")
