@@ -32,7 +32,11 @@ description:
     writes); credential helpers (C(credsStore)) are not asked, and without an entry the pull is anonymous.
   - community.docker.docker_image_pull shows nothing while a pull runs; hence this module.
 author:
-  - gpulab developers
+  - gpulab developers (!UNKNOWN)
+extends_documentation_fragment:
+  - gpulab.lab.attributes
+  - gpulab.lab.attributes.idempotent
+  - gpulab.lab.docker
 options:
   name:
     description: The image's repository, for example V(ufoym/deepo) or V(registry.example.org:5000/lab/deepo).
@@ -47,10 +51,6 @@ options:
     type: str
     choices: [always, not_present]
     default: not_present
-  docker_host:
-    description: The engine's socket.
-    type: str
-    default: unix:///var/run/docker.sock
   timeout:
     description: Seconds to wait for each message from the engine during the pull; V(0) waits for ever.
     type: int
@@ -64,13 +64,10 @@ options:
     default: ~/.docker/config.json
 attributes:
   check_mode:
-    description: Can run in check mode and return changed status prediction without modifying target.
     support: full
   diff_mode:
-    description: Will return details on what has changed (or possibly needs changing in check mode), when in diff mode.
     support: none
   idempotent:
-    description: When run twice in a row, the second run reports no change.
     support: full
 """
 
