@@ -385,16 +385,22 @@ def test_documentation_blocks_are_valid_yaml():
     assert doc["module"] == "gpu_facts"
     assert doc["version_added"] == "0.1.0"
     assert doc["author"] == ["gpulab developers"]
-    assert set(doc["options"]) == {"nvidia_smi_path", "timeout"}
+    assert set(doc["options"]) == {"nvidia_smi_path", "timeout", "processes"}
     assert doc["options"]["timeout"]["default"] == 30
     assert {name: value["support"] for name, value in doc["attributes"].items()} == {
         "check_mode": "full",
         "diff_mode": "none",
+        "idempotent": "full",
         "facts": "full",
     }
+    assert doc["extends_documentation_fragment"] == [
+        "gpulab.lab.attributes",
+        "gpulab.lab.attributes.idempotent",
+        "gpulab.lab.attributes.facts",
+    ]
     assert isinstance(yaml.safe_load(gpu_facts.EXAMPLES), list)
     returned = yaml.safe_load(gpu_facts.RETURN)
     gpu_keys = set(returned["ansible_facts"]["contains"]["gpulab_gpu"]["contains"])
-    assert gpu_keys == set(gpu_facts.empty_facts())
+    assert gpu_keys == set(gpu_facts.empty_facts()) | {"processes"}
     gpu_entry = returned["ansible_facts"]["contains"]["gpulab_gpu"]["contains"]["gpus"]["contains"]
-    assert set(gpu_entry) == set(parse("h200")["gpus"][0])
+    assert set(gpu_entry) == set(parse("h200")["gpus"][0]) | {"memory_used_mib", "utilization_pct"}

@@ -11,8 +11,11 @@ This module reads `nvidia-smi -q -x` (stable, documented XML) once and returns t
 the two classic failures (driver/library version mismatch, driver not loaded) into messages that say
 what to do.
 
+With `processes: true` it also reads what the GPUs are doing (memory used, utilization, the processes that hold
+memory and the container each runs in: module_utils/gpu_usage.py), for role status.
+
 The parsing lives in pure functions (`parse_nvidia_smi_xml`, `parse_compute_capabilities`,
-`classify_failure`) so unit tests can feed them real nvidia-smi outputs. The module runs on the
+`classify_failure`, and gpu_usage's) so unit tests can feed them real nvidia-smi outputs. The module runs on the
 target with the standard library and ansible.module_utils only, on Python 3.8 or newer.
 """
 
@@ -35,6 +38,11 @@ description:
   - If nvidia-smi exists but fails, the module fails with a message that names the cause and the remedy,
     for instance a reboot after a driver upgrade (C(Driver/library version mismatch)) or a kernel module
     that is not loaded.
+  - >-
+    With O(processes=true) it also runs C(nvidia-smi --query-gpu=...) and
+    C(nvidia-smi --query-compute-apps=pid,used_memory,gpu_uuid --format=csv,noheader,nounits), and adds each GPU's
+    memory in use and utilization, and RV(ansible_facts.gpulab_gpu.processes), every process holding GPU memory with
+    the Docker container it runs in (from C(/proc/<pid>/cgroup)).
   - No module in ansible-core or community.general reports NVIDIA GPUs, hence this one.
 author:
   - gpulab developers
@@ -51,20 +59,29 @@ options:
       - A GPU that has fallen off the bus can make nvidia-smi hang for minutes.
     type: int
     default: 30
+  processes:
+    description:
+      - Also report memory in use and utilization per GPU, and the processes that hold GPU memory.
+      - Mapping a process to its container reads C(/proc/<pid>/cgroup), which needs root for other users' processes.
+    type: bool
+    default: false
+extends_documentation_fragment:
+  - gpulab.lab.attributes
+  - gpulab.lab.attributes.idempotent
+  - gpulab.lab.attributes.facts
 attributes:
   check_mode:
-    description: Can run in check mode and return changed status prediction without modifying target.
     support: full
     details:
       - This action does not modify state.
   diff_mode:
-    description: Will return details on what has changed (or possibly needs changing in check mode), when in diff mode.
     support: none
+  idempotent:
+    support: full
   facts:
-    description: Action returns an C(ansible_facts) dictionary that will update existing host facts.
     support: full
 notes:
-  - Needs no root privileges; nvidia-smi's queries work for any user.
+  - Needs no root privileges; nvidia-smi's queries work for any user (but see O(processes)).
 seealso:
   - name: nvidia-smi documentation
     description: NVIDIA System Management Interface, the source of these facts.
@@ -87,6 +104,11 @@ EXAMPLES = r"""
       - gpulab_gpu.cuda_major > 12 or (gpulab_gpu.cuda_major == 12 and gpulab_gpu.cuda_minor >= 8)
     fail_msg: "Driver {{ gpulab_gpu.driver_version }} supports CUDA {{ gpulab_gpu.cuda_version }} only"
   when: gpulab_gpu.present
+
+- name: Who holds GPU memory
+  gpu_facts:
+    processes: true
+  register: gpu_now
 
 - name: Use an nvidia-smi outside PATH and allow it more time
   gpu_facts:
@@ -197,6 +219,40 @@ ansible_facts:
               description: Number of MIG devices on this GPU.
               type: int
               sample: 0
+            memory_used_mib:
+              description: Framebuffer memory in use, in MiB. Only with O(processes=true).
+              type: int
+              sample: 1034
+            utilization_pct:
+              description: GPU utilization in percent over nvidia-smi's last sample period. Only with O(processes=true).
+              type: int
+              sample: 37
+        processes:
+          description: The processes that hold GPU memory, as nvidia-smi lists them. Only with O(processes=true).
+          returned: when processes is true
+          type: list
+          elements: dict
+          contains:
+            pid:
+              description: The process ID as the host sees it.
+              type: int
+              sample: 48213
+            used_memory_mib:
+              description: GPU memory the process holds, in MiB; V(null) where nvidia-smi cannot say.
+              type: int
+              sample: 1034
+            gpu_uuid:
+              description: UUID of the GPU (or MIG device).
+              type: str
+              sample: GPU-00000000-1111-2222-3333-444444444444
+            gpu_index:
+              description: nvidia-smi's index of that GPU, or V(null) for a MIG device.
+              type: int
+              sample: 0
+            container_id:
+              description: Full ID of the Docker container the process runs in, or V(null) for a process outside one.
+              type: str
+              sample: 3f1c0d6b8f0c4e0fa7d2c1b5e9a8f7d6c5b4a3f2e1d0c9b8a7f6e5d4c3b2a1f0
 """
 
 # Ansible modules keep their imports below DOCUMENTATION, EXAMPLES and RETURN.
@@ -206,6 +262,8 @@ import subprocess
 import xml.etree.ElementTree as ET
 
 from ansible.module_utils.basic import AnsibleModule
+
+from ansible_collections.gpulab.lab.plugins.module_utils import gpu_usage
 
 QUERY_XML_ARGS = ["-q", "-x"]
 QUERY_COMPUTE_CAP_ARGS = ["--query-gpu=index,compute_cap", "--format=csv,noheader"]
@@ -361,6 +419,18 @@ def classify_failure(rc, out, err):
     return f"nvidia-smi failed with rc {rc}. stdout: {(out or '').strip()!r}; stderr: {(err or '').strip()!r}"
 
 
+def merge_usage(facts, usage, apps, proc="/proc"):
+    """Add memory_used_mib and utilization_pct to facts' GPUs and facts["processes"], from gpu_usage's parses of
+    the usage and compute-apps queries (usage: GpuUsage list, apps: parse_compute_apps result)."""
+    by_index = {gpu.index: gpu for gpu in usage}
+    for gpu in facts["gpus"]:
+        found = by_index.get(gpu["index"])
+        gpu["memory_used_mib"] = found.memory_used_mib if found else None
+        gpu["utilization_pct"] = found.utilization_pct if found else None
+    facts["processes"] = gpu_usage.as_dicts(gpu_usage.processes(apps, usage, proc))
+    return facts
+
+
 def run_nvidia_smi(path, args, timeout):
     """Run nvidia-smi; returns (rc, stdout, stderr). AnsibleModule.run_command has no timeout, hence subprocess."""
     result = subprocess.run(
@@ -374,7 +444,35 @@ def run_nvidia_smi(path, args, timeout):
     return result.returncode, result.stdout, result.stderr
 
 
+def _add_compute_capabilities(path, timeout, facts):
+    if any(gpu["compute_capability"] is None for gpu in facts["gpus"]):
+        # Older drivers (470.x) do not know the compute_cap field; the capability then stays None.
+        try:
+            rc, out, _err = run_nvidia_smi(path, QUERY_COMPUTE_CAP_ARGS, timeout)
+        except (subprocess.TimeoutExpired, OSError):
+            rc, out = None, ""
+        if rc == 0:
+            merge_compute_capabilities(facts, parse_compute_capabilities(out))
+
+
+def _add_usage(module, path, timeout, facts):
+    """Run the usage and compute-apps queries and merge them into facts (processes: true)."""
+    outputs = []
+    for args in (gpu_usage.QUERY_GPU_ARGS, gpu_usage.QUERY_APPS_ARGS):
+        query = " ".join([path, *args])
+        try:
+            rc, out, err = run_nvidia_smi(path, args, timeout)
+        except (subprocess.TimeoutExpired, OSError) as exc:
+            module.fail_json(msg=f"{query} did not finish within {timeout} seconds or could not run: {exc}")
+        if rc != 0:
+            module.fail_json(msg=f"{query}: {classify_failure(rc, out, err)}", rc=rc, stdout=out, stderr=err)
+        outputs.append(out)
+    merge_usage(facts, gpu_usage.parse_gpu_usage(outputs[0]), gpu_usage.parse_compute_apps(outputs[1]))
+
+
 def _exit_with_facts(module, facts, **extra):
+    if module.params["processes"]:
+        facts.setdefault("processes", [])  # no GPU, no process holding GPU memory
     module.exit_json(changed=False, gpu=facts, ansible_facts={"gpulab_gpu": facts}, **extra)
 
 
@@ -383,6 +481,7 @@ def main():
         argument_spec={
             "nvidia_smi_path": {"type": "path"},
             "timeout": {"type": "int", "default": 30},
+            "processes": {"type": "bool", "default": False},
         },
         supports_check_mode=True,
     )
@@ -420,15 +519,10 @@ def main():
         module.fail_json(msg=f"{exc}. Run {command} by hand to see what it prints.", stdout=out, stderr=err)
     facts["nvidia_smi_path"] = path
 
-    if any(gpu["compute_capability"] is None for gpu in facts["gpus"]):
-        # Older drivers (470.x) do not know the compute_cap field; the capability then stays None.
-        try:
-            rc, out, _err = run_nvidia_smi(path, QUERY_COMPUTE_CAP_ARGS, timeout)
-        except (subprocess.TimeoutExpired, OSError):
-            rc, out = None, ""
-        if rc == 0:
-            merge_compute_capabilities(facts, parse_compute_capabilities(out))
+    _add_compute_capabilities(path, timeout, facts)
 
+    if module.params["processes"] and facts["present"]:
+        _add_usage(module, path, timeout, facts)
     _exit_with_facts(module, facts)
 
 
