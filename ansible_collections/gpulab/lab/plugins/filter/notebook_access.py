@@ -39,10 +39,9 @@ def notebook_access_sheet(plan_users, users, server, ssh_port=22, host=""):
         lines.append(f"[{user['name']}]")
         lines.append(f"ssh: {_ssh_command(user, server, ssh_port)}")
         lines.append(f"url: {url}")
-        login = {
-            "token": "the token in the URL",
-            "none": "no login (only through the tunnel)",
-        }.get(user["auth"], "the URL, then the notebook password (not written here)")
+        login = {"token": "the token in the URL", "none": "no login (only through the tunnel)"}.get(
+            user["auth"], "the URL, then the notebook password (not written here)"
+        )
         if user["auth"] == "token and password":
             login = "the token in the URL, or the notebook password"
         lines.append(f"login: {login}")

@@ -82,11 +82,7 @@ def _versions(text):
         versions = json.loads(str(text or "").strip().splitlines()[-1])
     except (ValueError, IndexError):
         return None
-    if not isinstance(versions, dict) or not set(versions) >= {
-        "notebook",
-        "jupyter_server",
-        "jupyterlab",
-    }:
+    if not isinstance(versions, dict) or not set(versions) >= {"notebook", "jupyter_server", "jupyterlab"}:
         return None
     return versions
 
@@ -145,23 +141,14 @@ def _flavour_for(info, frontend, image):
     if frontend == "lab":
         lab = versions.get("jupyterlab")
         if lab is None:
-            return (
-                None,
-                f"the image {image} has no JupyterLab (python module jupyterlab); use frontend: notebook",
-            )
+            return None, f"the image {image} has no JupyterLab (python module jupyterlab); use frontend: notebook"
         if (_major(lab) or 0) < 3:
-            return (
-                "notebook6",
-                None,
-            )  # JupyterLab 1 and 2 run on the classic Notebook server
+            return "notebook6", None  # JupyterLab 1 and 2 run on the classic Notebook server
         return ("jupyter_server2" if (_major(versions.get("jupyter_server")) or 0) >= 2 else "jupyter_server1"), None
     notebook = versions.get("notebook")
     if notebook is None:
         hint = "; use frontend: lab" if versions.get("jupyterlab") is not None else ""
-        return (
-            None,
-            f"the image {image} has no Jupyter Notebook (python module notebook){hint}",
-        )
+        return None, f"the image {image} has no Jupyter Notebook (python module notebook){hint}"
     return ("notebook6" if (_major(notebook) or 0) < 7 else "jupyter_server2"), None
 
 
@@ -188,14 +175,7 @@ def notebook_commands(plan_users, flavours, images=None, python="python3"):
         image_python = ((images or {}).get(user["image"]) or {}).get("python") or python
         config_file = CONFIG_FILE
         module = "jupyterlab" if user["frontend"] == "lab" else "notebook"
-        command = [
-            image_python,
-            "-m",
-            module,
-            "--no-browser",
-            "--ip=0.0.0.0",
-            f"--port={CONTAINER_PORT}",
-        ]
+        command = [image_python, "-m", module, "--no-browser", "--ip=0.0.0.0", f"--port={CONTAINER_PORT}"]
         command += ["--allow-root", f"--notebook-dir={user['container_workdir']}"]
         command += [f"--config={CONFIG_MOUNT}/{config_file}"]
         user.update(flavour=flavour, config_file=config_file, command=command)

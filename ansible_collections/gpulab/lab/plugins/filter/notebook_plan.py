@@ -72,19 +72,7 @@ TOKEN_RE = re.compile(r"^[A-Za-z0-9._~-]{16,}$")
 SIZE_RE = re.compile(r"^[0-9]+[bkmgBKMG]?$")
 ENV_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # The role makes a workdir the student's (owner, mode), so these can never be one: anything inside these folders...
-SYSTEM_PREFIXES = (
-    "/bin",
-    "/boot",
-    "/dev",
-    "/etc",
-    "/lib",
-    "/lib32",
-    "/lib64",
-    "/libx32",
-    "/proc",
-    "/root",
-    "/run",
-)
+SYSTEM_PREFIXES = ("/bin", "/boot", "/dev", "/etc", "/lib", "/lib32", "/lib64", "/libx32", "/proc", "/root", "/run")
 SYSTEM_PREFIXES += ("/sbin", "/sys", "/usr")
 # ... and "/", every top-level folder (/home, /srv, /data, ...) and every folder directly in /var (/var/lib, ...).
 
@@ -154,33 +142,14 @@ def _plan_entry(entry, where, settings):
         errors.append(f"{where}: state must be one of {', '.join(STATES)}, not {state!r}")
         return None, errors
     prefix = settings.get("container_prefix", "notebook-")
-    user = {
-        "name": name,
-        "state": state,
-        "container": f"{prefix}{name}",
-        "image": "",
-        "port": None,
-    }
+    user = {"name": name, "state": state, "container": f"{prefix}{name}", "image": "", "port": None}
     user["config_dir"] = posixpath.join(str(settings.get("config_dir") or "/etc/gpulab/notebook"), name)
     if state == "absent":
         return user, errors
-    for step in (
-        _plan_port,
-        _plan_auth,
-        _plan_owner,
-        _plan_folders,
-        _plan_jupyter,
-        _plan_resources,
-        _plan_env,
-    ):
+    for step in (_plan_port, _plan_auth, _plan_owner, _plan_folders, _plan_jupyter, _plan_resources, _plan_env):
         errors.extend(f"{where}: {error}" for error in step(entry, user, settings))
     limits = " ".join(f"{key}={user[key] if user[key] is not None else 'none'}" for key in LIMITS)
-    user["labels"] = {
-        LABEL_ROLE: "1",
-        LABEL_USER: name,
-        LABEL_LIMITS: limits,
-        LABEL_IMAGE: user["image"],
-    }
+    user["labels"] = {LABEL_ROLE: "1", LABEL_USER: name, LABEL_LIMITS: limits, LABEL_IMAGE: user["image"]}
     return user, errors
 
 
@@ -283,12 +252,7 @@ def _plan_owner(entry, user, settings):
             "uid and gid 0 (root) are refused: the notebook would write its files as root on the host; give the "
             "student's uid and gid"
         )
-    user.update(
-        uid=uid,
-        gid=gid,
-        user=f"{uid}:{gid}",
-        ssh_user=entry.get("ssh_user") or user["name"],
-    )
+    user.update(uid=uid, gid=gid, user=f"{uid}:{gid}", ssh_user=entry.get("ssh_user") or user["name"])
     return errors
 
 
@@ -320,24 +284,10 @@ def _plan_folders(entry, user, settings):
         errors.append(f"container_workdir {container_workdir} would hide a folder the notebook needs")
     parent = (settings.get("paths") or {}).get(posixpath.dirname(workdir)) if workdir else None
     # Unknown (never looked at): taken as there, so that the role never changes an existing folder's owner or mode.
-    user.update(
-        workdir=workdir,
-        container_workdir=container_workdir,
-        parent_exists=(parent or {}).get("exists", True),
-    )
+    user.update(workdir=workdir, container_workdir=container_workdir, parent_exists=(parent or {}).get("exists", True))
     user["mounts"] = [
-        {
-            "type": "bind",
-            "source": workdir,
-            "target": container_workdir,
-            "read_only": False,
-        },
-        {
-            "type": "bind",
-            "source": user["config_dir"],
-            "target": CONFIG_MOUNT,
-            "read_only": True,
-        },
+        {"type": "bind", "source": workdir, "target": container_workdir, "read_only": False},
+        {"type": "bind", "source": user["config_dir"], "target": CONFIG_MOUNT, "read_only": True},
     ]
     return errors
 

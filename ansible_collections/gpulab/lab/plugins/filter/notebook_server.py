@@ -15,6 +15,7 @@ import posixpath
 import re
 
 GPU_UUID_RE = re.compile(r"^(GPU|MIG)-[0-9A-Za-z-]+$")
+# How gpulab knows its notebook containers, and whose each is.
 LABEL_USER = "io.gpulab.notebook.user"
 LABEL_ROLE = "io.gpulab.notebook"
 # The resource limits, also as a label: a new limit changes the label, so the container is recreated with it.
@@ -189,18 +190,10 @@ def gpu_requests(spec, gpu_facts):
         return "none", [], []
     if spec == "all":
         if not present:
-            return (
-                "all",
-                [],
-                ["gpus is all, but the server has no NVIDIA GPU (gpu_facts); use gpus: none"],
-            )
+            return "all", [], ["gpus is all, but the server has no NVIDIA GPU (gpu_facts); use gpus: none"]
         return "all", [{"driver": "nvidia", "count": -1, "capabilities": [["gpu"]]}], []
     if not isinstance(spec, list):
-        return (
-            str(spec),
-            [],
-            [f"gpus must be all, none or a list of GPU indices or UUIDs, not {spec!r}"],
-        )
+        return str(spec), [], [f"gpus must be all, none or a list of GPU indices or UUIDs, not {spec!r}"]
     by_index = {int(gpu["index"]): gpu for gpu in gpus if gpu.get("index") is not None}
     by_uuid = {gpu["uuid"]: gpu for gpu in gpus if gpu.get("uuid")}
     have = ", ".join(f"{index} ({by_index[index].get('uuid')})" for index in sorted(by_index)) or "none"
@@ -221,18 +214,7 @@ def gpu_requests(spec, gpu_facts):
         errors.append(f"gpus names a GPU twice ({', '.join(ids)})")
     if not ids:
         return "none", [], errors
-    return (
-        ", ".join(ids),
-        [
-            {
-                "driver": "nvidia",
-                "count": 0,
-                "device_ids": ids,
-                "capabilities": [["gpu"]],
-            }
-        ],
-        errors,
-    )
+    return ", ".join(ids), [{"driver": "nvidia", "count": 0, "device_ids": ids, "capabilities": [["gpu"]]}], errors
 
 
 class FilterModule:
