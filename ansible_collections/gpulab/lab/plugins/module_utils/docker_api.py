@@ -1,7 +1,12 @@
 # Copyright (c) gpulab developers
 # SPDX-License-Identifier: MIT
 
-"""The Docker engine API over its Unix socket, for gpulab's modules that move multi-GB images.
+"""The Docker engine API over its Unix socket: gpulab's one client of the engine.
+
+Every gpulab module that talks to the engine (container_backup, container_restore, docker_image_archive,
+docker_image_pull_progress) and the backup timer's command line use this client, and get its one error type,
+DockerApiError, whose message the user can act on. Nothing here knows about backups or archives: it moves bytes and
+JSON, and callers decide what an answer means.
 
 Why not the Docker SDK for Python (or community.docker's vendored API client): both read the engine with a socket
 timeout (60 s by default) that long image transfers trip over, and neither lets a caller stream a request body of
@@ -40,7 +45,9 @@ class _UnixConnection(http.client.HTTPConnection):
 
 
 def socket_path(docker_host):
-    """The socket file of a unix:// docker_host; only local sockets are supported."""
+    """The socket file of docker_host: unix:///path or a plain absolute path; only local sockets are supported."""
+    if docker_host.startswith("/"):
+        return docker_host
     if not docker_host.startswith("unix://"):
         raise DockerApiError(f"docker_host {docker_host} is not a unix:// socket; only local sockets are supported.")
     return docker_host[len("unix://") :]
@@ -106,14 +113,22 @@ class Engine:
             raise DockerApiError(f"{method} {path.split('?')[0]}: the engine answered {status}: {error_of(data)}")
         return json.loads(data) if data.strip() else None
 
-    def image(self, name):
-        """The inspect data of an image (by name or ID), or None when the engine has no such image."""
-        status, data = self.request("GET", f"/images/{quoted(name)}/json")
+    def _inspect(self, kind, name):
+        """GET /<kind>s/<name>/json: the inspect data, or None when the engine has no such object."""
+        status, data = self.request("GET", f"/{kind}s/{quoted(name)}/json")
         if status == 404:
             return None
         if status != 200:
-            raise DockerApiError(f"the engine answered {status} when asked for image {name}: {error_of(data)}")
+            raise DockerApiError(f"the engine answered {status} when asked for {kind} {name}: {error_of(data)}")
         return json.loads(data)
+
+    def image(self, name):
+        """The inspect data of an image (by name or ID), or None when the engine has no such image."""
+        return self._inspect("image", name)
+
+    def container(self, name):
+        """The inspect data of a container (by name or ID), or None when the engine has no such container."""
+        return self._inspect("container", name)
 
     def has_image(self, name):
         return self.image(name) is not None
@@ -195,6 +210,10 @@ class Engine:
             conn.close()
             raise DockerApiError(f"GET {path.split('?')[0]}: the engine answered {resp.status}: {error_of(body)}")
         return _Response(conn, resp)
+
+    def start_get(self, path):
+        """Send a GET now and read its (long, binary) answer later: returns a PendingGet."""
+        return PendingGet(self, path)
 
     def load(self, stream, progress=None):
         """Stream a plain docker save tar into /images/load; returns the engine's messages and bytes sent."""
@@ -278,9 +297,6 @@ class ProgressFile:
             os.remove(self.path)
 
 
-# ---- added for container_backup / container_restore (module_utils/gpulab_backup.py) -------------------------------
-
-
 class _UnixConnection10(_UnixConnection):
     """HTTP/1.0: the engine then sends a long answer as it is, until it closes the connection, instead of in chunks of
     32 KiB that http.client would take apart and join again (half the CPU time for a multi-GB docker save)."""
@@ -318,22 +334,3 @@ class PendingGet:
 
     def close(self):
         self.conn.close()
-
-
-def _engine_start_get(self, path):
-    """Send a GET now and read its (long, binary) answer later: returns a PendingGet."""
-    return PendingGet(self, path)
-
-
-def _engine_container(self, name):
-    """The inspect data of a container (by name or ID), or None when the engine has no such container."""
-    status, data = self.request("GET", f"/containers/{quoted(name)}/json")
-    if status == 404:
-        return None
-    if status != 200:
-        raise DockerApiError(f"the engine answered {status} when asked for container {name}: {error_of(data)}")
-    return json.loads(data)
-
-
-Engine.start_get = _engine_start_get
-Engine.container = _engine_container
