@@ -384,7 +384,7 @@ def test_documentation_blocks_are_valid_yaml():
     doc = yaml.safe_load(gpu_facts.DOCUMENTATION)
     assert doc["module"] == "gpu_facts"
     assert doc["version_added"] == "0.1.0"
-    assert doc["author"] == ["gpulab developers"]
+    assert doc["author"] == ["gpulab developers (!UNKNOWN)"]
     assert set(doc["options"]) == {"nvidia_smi_path", "timeout", "processes"}
     assert doc["options"]["timeout"]["default"] == 30
     assert {name: value["support"] for name, value in doc["attributes"].items()} == {

@@ -45,7 +45,7 @@ description:
     the Docker container it runs in (from C(/proc/<pid>/cgroup)).
   - No module in ansible-core or community.general reports NVIDIA GPUs, hence this one.
 author:
-  - gpulab developers
+  - gpulab developers (!UNKNOWN)
 options:
   nvidia_smi_path:
     description:
