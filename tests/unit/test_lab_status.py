@@ -11,6 +11,7 @@ import time
 import typing
 
 import pytest
+import yaml
 from ansible.module_utils.testing import patch_module_args
 from module_harness import ModuleExit
 
@@ -363,3 +364,25 @@ def test_memory_from_the_cgroup_files(tmp_path, cgroup, files, expected):
         (tmp_path / "cg" / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / "cg" / name).write_text(text)
     assert lab_status.cgroup_memory(77, str(tmp_path / "cg"), str(tmp_path / "proc")) == expected
+
+
+def test_documentation_blocks_are_valid_yaml():
+    doc = yaml.safe_load(lab_status.DOCUMENTATION)
+    assert set(doc["options"]) == {
+        "docker_host",
+        "gpu",
+        "gpu_error",
+        "notebook_config_dir",
+        "configured_images",
+        "backup_store_dir",
+        "backup_unit",
+        "timeout",
+    }
+    assert {name: value["support"] for name, value in doc["attributes"].items()} == {
+        "check_mode": "full",
+        "diff_mode": "none",
+        "idempotent": "full",
+    }
+    assert isinstance(yaml.safe_load(lab_status.EXAMPLES), list)
+    returned = yaml.safe_load(lab_status.RETURN)["status"]["contains"]
+    assert set(returned) == {"collected_at", "engine", "gpu", "notebooks", "backups"}

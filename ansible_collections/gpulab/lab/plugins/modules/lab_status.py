@@ -45,7 +45,7 @@ options:
   gpu:
     description:
       - The C(gpu) result of M(gpulab.lab.gpu_facts) run with O(gpulab.lab.gpu_facts#module:processes=true) on this
-        server. Empty: the server's GPUs are not reported.
+        server. Empty, the server's GPUs are not reported.
     type: dict
     default: {}
   gpu_error:
