@@ -4,7 +4,8 @@ prepare started Debian's docker-registry on the instance's 127.0.0.1:5000, pushe
 127.0.0.1:5000/gpulab-test/deepo:all-py38-cpu and 127.0.0.1:5000/gpulab-test/mirrored:1 (their IDs are in
 /var/tmp/gpulab-deepo-pull/<name>.id) and removed them locally. converge pulled the first by its registry name (tag
 auto: the CPU tag) and gpulab-test/mirrored:1 by its Docker Hub name, which only the mirror
-(deepo_registry_mirrors: [http://127.0.0.1:5000]) can serve here.
+(deepo_registry_mirrors: [http://127.0.0.1:5000]) can serve here. converge is playbooks/deepo.yml: role docker, the one
+owner of daemon.json, merged the mirror (deepo_docker_daemon_config_dependent) before role deepo pulled.
 """
 
 import json
@@ -51,12 +52,28 @@ def test_daemon_json_holds_the_mirror_and_keeps_the_other_keys(host):
     assert data["registry-mirrors"] == ["http://127.0.0.1:5000"]
     assert data["max-concurrent-downloads"] == 7  # the admin's keys, put there before gpulab ran
     assert data["labels"] == ["gpulab-test=admin-key"]
-    assert data["log-opts"] == {"labels": "gpulab"}
+    # Role docker wrote the file, so its own defaults came with the mirror, merged key by key into the admin's keys.
+    assert data["log-opts"] == {"labels": "gpulab", "max-size": "100m", "max-file": "3"}
+    assert data["live-restore"] is True
 
 
 def test_docker_runs_with_the_mirror(host):
     mirrors = json.loads(host.check_output("docker info --format '{{json .RegistryConfig.Mirrors}}'"))
     assert mirrors == ["http://127.0.0.1:5000/"]
+
+
+def test_deepo_alone_refuses_to_pull_without_the_mirrors(host, tmp_path):
+    """Role deepo leaves daemon.json to role docker: run without the playbook's wiring, on an engine without the
+    mirror, it stops before pulling and says how to get the mirror merged."""
+    hostname = host.backend.host
+    playbook = tmp_path / "deepo-role-alone.yml"
+    playbook.write_text("- name: Role deepo alone\n  hosts: all\n  roles:\n    - role: gpulab.lab.deepo\n")
+    extra = {"deepo_registry_mirrors": ["http://127.0.0.1:5001"]}
+    run = run_playbook(hostname, str(playbook), extra)
+    assert run.rc != 0
+    assert "runs without the registry mirrors http://127.0.0.1:5001" in run, run.raw[-3000:]
+    assert "Nothing was pulled." in run
+    assert run.changed == 0
 
 
 def test_pull_policy_missing_keeps_and_always_pulls_a_moved_tag(host, deepo_play):

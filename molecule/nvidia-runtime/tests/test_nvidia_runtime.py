@@ -1,5 +1,6 @@
-"""Checks of role nvidia_runtime on a Debian 12 lab server WITHOUT a GPU, after converge (role docker, then
-nvidia_runtime with nvidia_runtime_required: false and nvidia_runtime_default: true).
+"""Checks of role nvidia_runtime on a Debian 12 lab server WITHOUT a GPU, after converge (site.yml: role docker, then
+nvidia_runtime with nvidia_runtime_required: false and nvidia_runtime_default: true, then role docker's one merge of
+daemon.json with the runtime's keys and one restart).
 
 NVIDIA's apt repository is unreachable from gpulab's test network and the test machines have no GPU, so what the
 role installs here are TEST STAND-INs of NVIDIA's packages (tests/harness/nvidia-standin): same names, versions and
@@ -15,6 +16,7 @@ the real H200's output, last in check mode, which must find nothing left to chan
 
 import hashlib
 import json
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -69,6 +71,19 @@ def nvidia_play(hostname, tmp_path_factory):
 
 
 # ---- the converged server -------------------------------------------------------------------------------------
+
+
+def test_site_yml_wrote_daemon_json_once_and_restarted_docker_once(host):
+    """On this server site.yml changes daemon.json for two roles (docker's defaults, the nvidia runtime): role docker,
+    the file's one owner, writes it once and restarts Docker once. Runs first: later tests restart Docker again."""
+    since = host.file("/var/tmp/gpulab-prepared-at").content_string.strip()
+    journal = host.check_output(f"journalctl --unit docker.service --since @{since} --output cat")
+    starts = re.findall(r"(?m)^Starting (?:docker\.service - )?Docker Application Container Engine", journal)
+    assert len(starts) == 1, journal[-3000:]
+    written = host.check_output(f"find /etc/docker -maxdepth 1 -name 'daemon.json.*~' -newermt @{since}").split()
+    assert len(written) == 1, written  # one backup: the file was written once (backup: true keeps each old version)
+    data = daemon_json(host)
+    assert data["default-runtime"] == "nvidia" and data["live-restore"] is True
 
 
 def test_docker_lists_the_nvidia_runtime_as_default(host):
@@ -224,7 +239,10 @@ def test_default_false_removes_default_runtime_and_stale_nvidia_docker(
     for key, value in ADMIN_KEYS.items():
         assert data[key] == value
     assert data["live-restore"] is True
-    assert "default runtime runc; daemon.json changed (default-runtime), Docker restarted" in run
+    # Role docker merged the change (the file's one owner) and said whose key it was; the runtime's check followed.
+    changed = f"Changed /etc/docker/daemon.json on {hostname}: default-runtime (nvidia_runtime); Docker restarts once."
+    assert changed in run
+    assert f"Docker on {hostname} has the nvidia runtime (nvidia-container-toolkit); default runtime runc." in run
     # nvidia-docker 1.0 removed, and said so.
     assert not host.package("nvidia-docker").is_installed
     assert "old-pytorch-lab" not in host.check_output("docker ps -a --format '{{.Names}}'")

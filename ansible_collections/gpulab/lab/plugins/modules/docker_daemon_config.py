@@ -38,17 +38,15 @@ description:
   - Docker reads C(daemon.json) only when it starts; restart the C(docker) service (for example from a handler) for
     the change to take effect.
 author: gpulab developers
+extends_documentation_fragment:
+  - gpulab.lab.attributes
+  - gpulab.lab.attributes.idempotent
 attributes:
   check_mode:
-    description: Can run in check_mode and return changed status prediction without modifying target.
     support: full
   diff_mode:
-    description: Will return details on what has changed (or possibly needs changing in check_mode), when in diff mode.
     support: full
   idempotent:
-    description:
-      - When run twice in a row outside check mode, with the same arguments, the second invocation indicates no change.
-      - This assumes that the system controlled or queried by the module has not changed in a relevant way.
     support: full
 options:
   path:
