@@ -1,4 +1,4 @@
-"""Shared by the tests of container_backup / container_restore / module_utils/gpulab_backup.py.
+"""Shared by the tests of container_backup / container_restore / the backup package module_utils/backup/.
 
 A tiny test image built here FROM scratch out of this machine's own dash, sleep, cat, head and libc (two layers, a few
 MB: backups of it take a second or two), containers labelled io.gpulab.harness=1, the modules run in-process

@@ -1,4 +1,4 @@
-"""Tests of module_utils/gpulab_backup.py's parts, on archives and stores made here.
+"""Tests of the backup package's parts (module_utils/backup/), on archives and stores made here.
 
 docker save streams in both layouts, synthesized (the engine here is Docker 20.10, which writes only the legacy one):
 the legacy layout with its layers in the order of their folder names, not of the image; the OCI layout of Docker 25+
@@ -21,8 +21,18 @@ from pathlib import Path
 import pytest
 from backup_harness import LABEL, needs_docker
 
-from ansible_collections.gpulab.lab.plugins.module_utils import gpulab_backup as gb
-from ansible_collections.gpulab.lab.plugins.module_utils import overlay as gpulab_overlay
+from ansible_collections.gpulab.lab.plugins.module_utils import docker_api as api
+from ansible_collections.gpulab.lab.plugins.module_utils.backup import blobs as backup_blobs
+from ansible_collections.gpulab.lab.plugins.module_utils.backup import common as backup_common
+from ansible_collections.gpulab.lab.plugins.module_utils.backup import files as backup_files
+from ansible_collections.gpulab.lab.plugins.module_utils.backup import ingest as backup_ingest
+from ansible_collections.gpulab.lab.plugins.module_utils.backup import mounts as backup_mounts
+from ansible_collections.gpulab.lab.plugins.module_utils.backup import overlay as gpulab_overlay
+from ansible_collections.gpulab.lab.plugins.module_utils.backup import restore as restore_job
+from ansible_collections.gpulab.lab.plugins.module_utils.backup import settings as run_settings
+from ansible_collections.gpulab.lab.plugins.module_utils.backup import store as backup_store
+from ansible_collections.gpulab.lab.plugins.module_utils.backup import streams as backup_streams
+from ansible_collections.gpulab.lab.plugins.module_utils.backup import verify as backup_verify
 
 # ---- archives made here --------------------------------------------------------------------------------------------
 
@@ -126,7 +136,7 @@ def sample_layers():
 
 @pytest.fixture
 def store(tmp_path):
-    s = gb.Store(str(tmp_path / "store"), create=True)
+    s = backup_store.Store(str(tmp_path / "store"), create=True)
     s.create()
     return s
 
@@ -136,7 +146,7 @@ def decompressed(store, blob):
 
 
 def ingest(store, archive, expected=None, known=None, guess=True):
-    reader = gb.SaveIngest(store, {} if known is None else known, expected=expected, guess_by_size=guess)
+    reader = backup_ingest.SaveIngest(store, {} if known is None else known, expected=expected, guess_by_size=guess)
     config, layers = reader.read(io.BytesIO(archive))
     return reader, config, layers
 
@@ -157,7 +167,7 @@ def test_legacy_layout_layers_come_in_folder_order_and_are_put_back_in_image_ord
         assert layer["new"] is True
         assert layer["size"] == len(data)
         assert decompressed(store, layer["blobs"][0]) == data
-        assert layer["blobs"][0]["stored_digest"] == gb.file_sha256(store.blob_path(layer["diff_id"]))
+        assert layer["blobs"][0]["stored_digest"] == backup_files.file_sha256(store.blob_path(layer["diff_id"]))
     assert reader.bytes_written == sum(x["blobs"][0]["stored_size"] for x in got)
     assert os.listdir(store.tmp) == []
 
@@ -181,7 +191,7 @@ def test_a_wrong_guess_by_size_is_caught_and_reading_again_hashes_all(store):
     _, _, first = ingest(store, legacy_archive([old], config_of([old])), expected=[blob_id(old)])
     known = {first[0]["diff_id"]: first[0]["blobs"][0]}
     archive = legacy_archive([old, new], config_of([old, new]), dirs=["bbbb", "aaaa"])  # new comes first
-    with pytest.raises(gb._GuessedWrong):
+    with pytest.raises(backup_ingest.GuessedWrong):
         ingest(store, archive, expected=[blob_id(old), blob_id(new)], known=dict(known))
     _, _, got = ingest(store, archive, expected=[blob_id(old), blob_id(new)], known=dict(known), guess=False)
     assert [x["diff_id"] for x in got] == [blob_id(old), blob_id(new)]
@@ -213,7 +223,7 @@ def test_oci_layout(store, nested, with_manifest_json):
 def test_a_stream_whose_layer_does_not_match_its_config_is_refused(store):
     layers = sample_layers()
     config = config_of([layers[0], layers[1], layer_tar({"other": b"x"})])
-    with pytest.raises(gb.BackupError, match=r"layer 3 .* has digest .* the config says"):
+    with pytest.raises(backup_common.BackupError, match=r"layer 3 .* has digest .* the config says"):
         ingest(store, legacy_archive(layers, config))
 
 
@@ -221,13 +231,13 @@ def test_a_stream_whose_layer_does_not_match_its_config_is_refused(store):
 def test_a_truncated_stream_is_refused(store, cut):
     layers = sample_layers()
     archive = legacy_archive(layers, config_of(layers))
-    with pytest.raises(gb.BackupError, match=r"truncated|end-of-archive"):
+    with pytest.raises(backup_common.BackupError, match=r"truncated|end-of-archive"):
         ingest(store, archive[: int(len(archive) * cut)])
     assert os.listdir(store.tmp) == []  # the blob being written is removed
 
 
 def test_a_stream_without_manifest(store):
-    with pytest.raises(gb.BackupError, match=r"no manifest\.json, no index\.json"):
+    with pytest.raises(backup_common.BackupError, match=r"no manifest\.json, no index\.json"):
         ingest(store, layer_tar({"readme": b"not docker save"}))
 
 
@@ -238,7 +248,7 @@ def test_tar_reader_long_names_pax_and_gnu():
         with tarfile.open(fileobj=buf, mode="w", format=fmt) as tar:
             for i, name in enumerate(names):
                 member(tar, name, str(i).encode() * (i * 700))
-        reader = gb.TarReader(io.BytesIO(buf.getvalue()))
+        reader = backup_streams.TarReader(io.BytesIO(buf.getvalue()))
         seen = [(m.name, b"".join(reader.data())) for m in reader.members()]
         assert seen == [(n, str(i).encode() * (i * 700)) for i, n in enumerate(names)]
         assert reader.bytes_read == len(buf.getvalue())
@@ -252,7 +262,7 @@ def test_load_tar_from_the_store(store):
     config = config_of(layers)
     _, _, got = ingest(store, legacy_archive(layers, config), expected=[blob_id(x) for x in layers])
     for skip in (0, 2):
-        data = b"".join(iter(gb.LoadTar(store, config, got, "gpulab-backup/t:1", skip=skip).read, b""))
+        data = b"".join(iter(restore_job.LoadTar(store, config, got, "gpulab-backup/t:1", skip=skip).read, b""))
         with tarfile.open(fileobj=io.BytesIO(data)) as tar:
             manifest = json.loads(tar.extractfile("manifest.json").read())
             assert manifest[0]["RepoTags"] == ["gpulab-backup/t:1"]
@@ -266,9 +276,9 @@ def test_load_tar_breaks_off_before_the_manifest_when_a_layer_is_corrupt(store):
     config = config_of(layers)
     _, _, got = ingest(store, legacy_archive(layers, config), expected=[blob_id(x) for x in layers])
     got[2] = dict(got[2], diff_id=blob_id(b"something else"))
-    stream = gb.LoadTar(store, config, got, "gpulab-backup/t:1")
+    stream = restore_job.LoadTar(store, config, got, "gpulab-backup/t:1")
     sent = []
-    with pytest.raises(gb.BackupError, match="is corrupt"):
+    with pytest.raises(backup_common.BackupError, match="is corrupt"):
         for block in iter(stream.read, b""):
             sent.append(block)
     assert b"manifest.json" not in b"".join(sent)
@@ -283,9 +293,9 @@ def test_an_oci_archive_stored_and_loaded_into_the_engine(store):
     config = json.dumps(config).encode()
     _, got_config, got = ingest(store, oci_archive(layers, config, gzip_layers={0}))
     name = f"gpulab-backup/unittest-oci:{uuid.uuid4().hex[:8]}"
-    engine = gb.api.Engine()
+    engine = api.Engine()
     try:
-        engine.load(gb.LoadTar(store, got_config, got, name))
+        engine.load(restore_job.LoadTar(store, got_config, got, name))
         assert engine.image(name)["Id"] == blob_id(config)
         assert engine.image(name)["RootFS"]["Layers"] == [blob_id(x) for x in layers]
     finally:
@@ -298,8 +308,8 @@ def test_an_oci_archive_stored_and_loaded_into_the_engine(store):
 def a_manifest(store, container, backup_id, layers, created):
     _, config, got = ingest(store, legacy_archive(layers, config_of(layers)), expected=[blob_id(x) for x in layers])
     manifest = {
-        "format": gb.FORMAT,
-        "version": gb.FORMAT_VERSION,
+        "format": backup_common.FORMAT,
+        "version": backup_common.FORMAT_VERSION,
         "id": backup_id,
         "container": container,
         "created": created,
@@ -329,7 +339,7 @@ def test_retention_keeps_the_newest_and_the_newest_complete_and_collects_garbage
     picked, pick_warnings = store.pick("alice")
     assert picked["id"] == manifests[1]["id"]
     assert "incomplete" in pick_warnings[0]
-    with pytest.raises(gb.BackupError, match="keep_last must be at least 1"):
+    with pytest.raises(backup_common.BackupError, match="keep_last must be at least 1"):
         store.retention("alice", 0)
 
 
@@ -337,11 +347,13 @@ def test_no_complete_backup_names_the_missing_blob(store):
     layers = sample_layers()[:1]
     manifest = a_manifest(store, "carol", "20250101T000000Z-aaaaaa", layers, 1)
     os.unlink(store.blob_path(manifest["layers"][0]["diff_id"]))
-    with pytest.raises(gb.BackupError, match=rf"lacks: layer 1 .*{manifest['layers'][0]['diff_id']} is missing"):
+    with pytest.raises(
+        backup_common.BackupError, match=rf"lacks: layer 1 .*{manifest['layers'][0]['diff_id']} is missing"
+    ):
         store.pick("carol")
-    with pytest.raises(gb.BackupError, match="has no backup nope of container carol"):
+    with pytest.raises(backup_common.BackupError, match="has no backup nope of container carol"):
         store.pick("carol", "nope")
-    with pytest.raises(gb.BackupError, match="has no backup of container dave"):
+    with pytest.raises(backup_common.BackupError, match="has no backup of container dave"):
         store.pick("dave")
 
 
@@ -355,33 +367,33 @@ def test_leftovers_of_a_killed_run_are_cleaned(store):
 def test_store_paths(tmp_path):
     afile = tmp_path / "file"
     afile.write_text("x")
-    with pytest.raises(gb.BackupError, match="exists and is not a directory"):
-        gb.Store(str(afile), create=True)
-    with pytest.raises(gb.BackupError, match="does not exist"):
-        gb.Store(str(tmp_path / "none"))
-    with pytest.raises(gb.BackupError, match="absolute path"):
-        gb.Store("relative/store")
-    with pytest.raises(gb.BackupError, match="not valid"):
-        gb.Store(str(tmp_path), create=True).manifest_path("../etc", "x")
+    with pytest.raises(backup_common.BackupError, match="exists and is not a directory"):
+        backup_store.Store(str(afile), create=True)
+    with pytest.raises(backup_common.BackupError, match="does not exist"):
+        backup_store.Store(str(tmp_path / "none"))
+    with pytest.raises(backup_common.BackupError, match="absolute path"):
+        backup_store.Store("relative/store")
+    with pytest.raises(backup_common.BackupError, match="not valid"):
+        backup_store.Store(str(tmp_path), create=True).manifest_path("../etc", "x")
 
 
 def test_verify_names_corrupt_and_missing_blobs(store):
     layers = sample_layers()
     manifest = a_manifest(store, "erin", "20250101T000000Z-eeeeee", layers, 1)
-    figures = gb.verify_backup(store, manifest)
-    assert figures["blobs"] == 3
-    assert figures["content_bytes"] == sum(len(x) for x in layers)
+    figures = backup_verify.verify_backup(store, manifest)
+    assert figures.blobs == 3
+    assert figures.content_bytes == sum(len(x) for x in layers)
     digest = manifest["layers"][1]["diff_id"]
     path = store.blob_path(digest)
     data = bytearray(Path(path).read_bytes())
     data[len(data) // 2] ^= 0x01
     os.chmod(path, 0o600)
     Path(path).write_bytes(bytes(data))
-    with pytest.raises(gb.BackupError, match=rf"layer 2 .*blob {digest} is corrupt"):
-        gb.verify_backup(store, manifest, layer_content=False)
+    with pytest.raises(backup_common.BackupError, match=rf"layer 2 .*blob {digest} is corrupt"):
+        backup_verify.verify_backup(store, manifest, layer_content=False)
     os.unlink(path)
-    with pytest.raises(gb.BackupError, match=f"blob {digest} is missing"):
-        gb.verify_backup(store, manifest)
+    with pytest.raises(backup_common.BackupError, match=f"blob {digest} is missing"):
+        backup_verify.verify_backup(store, manifest)
 
 
 # ---- run settings, secrets, paths ----------------------------------------------------------------------------------
@@ -389,14 +401,14 @@ def test_verify_names_corrupt_and_missing_blobs(store):
 
 def test_secrets_are_left_out_unless_the_image_has_them():
     env = ["PATH=/bin", "JUPYTER_TOKEN=abc", "GPG_KEY=public", "my_password=x", "HOME=/root"]
-    kept, left_out = gb.split_env(env, ["PATH=/bin", "GPG_KEY=public"], gb.DEFAULT_SECRET_ENV)
+    kept, left_out = run_settings.split_env(env, ["PATH=/bin", "GPG_KEY=public"], run_settings.DEFAULT_SECRET_ENV)
     assert kept == ["PATH=/bin", "GPG_KEY=public", "HOME=/root"]
     assert left_out == ["JUPYTER_TOKEN", "my_password"]
     config = config_of(sample_layers(), env=env)
-    redacted = json.loads(gb.redact_config(config, set(left_out)))
+    redacted = json.loads(run_settings.redact_config(config, set(left_out)))
     assert redacted["config"]["Env"] == kept
     assert redacted["container_config"]["Env"] == kept
-    assert gb.redact_config(config, set()) is config
+    assert run_settings.redact_config(config, set()) is config
 
 
 @pytest.mark.parametrize(
@@ -416,12 +428,12 @@ def test_secrets_are_left_out_unless_the_image_has_them():
     ],
 )
 def test_system_paths(path, why):
-    reason = gb.system_path_reason(path)
+    reason = backup_mounts.system_path_reason(path)
     assert (reason is None) if why is None else (why in reason)
 
 
 def test_backup_tag():
-    assert gb.backup_tag("Alice_Notebook.1", "20250101T000000Z-abc123") == (
+    assert backup_common.backup_tag("Alice_Notebook.1", "20250101T000000Z-abc123") == (
         "gpulab-backup/alice-notebook-1",
         "20250101T000000Z-abc123",
     )
@@ -446,20 +458,20 @@ def test_archive_and_restore_a_work_directory(store, tmp_path):
         {"source": str(work), "destination": "/workspace", "read_only": False, "kind": "directory"},
         {"source": str(config), "destination": "/etc/jupyter.json", "read_only": True, "kind": "file"},
     ]
-    entries = [gb.archive_mount(store, m, {}, 3) for m in mounts]
+    entries = [backup_mounts.archive_mount(store, m, {}, 3) for m in mounts]
     assert all(e[1] > 0 and e[2] > 0 for e in entries)  # read and written
     # Unchanged: the previous archive is reused, nothing read or written.
-    again = gb.archive_mount(store, mounts[0], {str(work): entries[0][0]}, 3)
+    again = backup_mounts.archive_mount(store, mounts[0], {str(work): entries[0][0]}, 3)
     assert again[0]["reused"] is True
     assert again[1:3] == (0, 0)
     (work / "notebook.ipynb").write_text('{"cells": []}')
-    changed = gb.archive_mount(store, mounts[0], {str(work): entries[0][0]}, 3)
+    changed = backup_mounts.archive_mount(store, mounts[0], {str(work): entries[0][0]}, 3)
     assert changed[0]["reused"] is False
     assert changed[0]["signature"] != entries[0][0]["signature"]
     # Wiped, then restored: content, owners, modes, the symlink.
     subprocess.run(["rm", "-rf", str(tmp_path / "srv"), str(config)], check=True)
     for entry in (changed[0], entries[1][0]):
-        gb.restore_mount(store, entry)
+        backup_mounts.restore_mount(store, entry)
     assert (work / "notebook.ipynb").read_text() == '{"cells": []}'
     st = os.stat(work / "notebook.ipynb")
     assert (st.st_uid, st.st_gid) == (1234, 2345)
@@ -471,8 +483,8 @@ def test_archive_and_restore_a_work_directory(store, tmp_path):
 
 
 def test_a_mount_under_a_system_path_is_not_restored(store):
-    with pytest.raises(gb.BackupError, match="not restored: /proc/x is under /proc"):
-        gb.restore_mount(store, {"source": "/proc/x", "blobs": []})
+    with pytest.raises(backup_common.BackupError, match="not restored: /proc/x is under /proc"):
+        backup_mounts.restore_mount(store, {"source": "/proc/x", "blobs": []})
 
 
 def test_a_blob_that_backups_describe_is_never_replaced(store, tmp_path):
@@ -482,16 +494,16 @@ def test_a_blob_that_backups_describe_is_never_replaced(store, tmp_path):
     work.mkdir()
     (work / "a.txt").write_text("same content\n" * 1000)
     mount = {"source": str(work), "destination": "/work", "read_only": False, "kind": "directory"}
-    entry, _, written, _ = gb.archive_mount(store, mount, {}, 1)
+    entry, _, written, _ = backup_mounts.archive_mount(store, mount, {}, 1)
     assert written > 0
-    manifest = {"format": gb.FORMAT, "version": 1, "id": "20250101T000000.000Z-a", "container": "frank",
+    manifest = {"format": backup_common.FORMAT, "version": 1, "id": "20250101T000000.000Z-a", "container": "frank",
                 "created": 1, "layers": [], "mounts": [entry]}  # fmt: skip
     store.write_manifest(manifest)
     os.chmod(work / "a.txt", 0o644)  # a new ctime: another signature, the same tar
-    again, _, written, _ = gb.archive_mount(store, mount, {}, 19, known=store.blob_index())
+    again, _, written, _ = backup_mounts.archive_mount(store, mount, {}, 19, known=store.blob_index())
     assert written == 0
     assert again["blobs"] == entry["blobs"]
-    assert gb.verify_backup(store, manifest)["blobs"] == 1
+    assert backup_verify.verify_backup(store, manifest).blobs == 1
 
 
 def test_a_layer_of_several_blobs_loads_as_one(store):
@@ -501,15 +513,15 @@ def test_a_layer_of_several_blobs_loads_as_one(store):
     config = config_of(layers)
     parts = []
     for piece in (layers[1][:100_000], layers[1][100_000:]):
-        with gb.BlobWriter(store) as writer:
+        with backup_blobs.BlobWriter(store) as writer:
             writer.write(piece)
             blob = writer.finish()
             parts.append(store.keep(writer, blob, {})[0])
     _, _, got = ingest(store, legacy_archive(layers, config), expected=[blob_id(x) for x in layers])
     got[1] = {"diff_id": blob_id(layers[1]), "size": len(layers[1]), "blobs": parts}
     manifest = {"id": "x", "container": "gina", "layers": got, "mounts": []}
-    assert gb.verify_backup(store, manifest)["blobs"] == 4
-    data = b"".join(iter(gb.LoadTar(store, config, got, "gpulab-backup/t:1").read, b""))
+    assert backup_verify.verify_backup(store, manifest).blobs == 4
+    data = b"".join(iter(restore_job.LoadTar(store, config, got, "gpulab-backup/t:1").read, b""))
     with tarfile.open(fileobj=io.BytesIO(data)) as tar:
         names = json.loads(tar.extractfile("manifest.json").read())[0]["Layers"]
         assert tar.extractfile(names[1]).read() == layers[1]
@@ -534,28 +546,30 @@ def stored_files(store):
 
 
 def test_chunked_layer_writer_stores_each_chunk_once_and_leaves_nothing_behind(store, tmp_path, monkeypatch):
-    monkeypatch.setattr(gb.ChunkedLayerWriter, "BATCH_FILES", 3)  # several zstd batches, some running meanwhile
+    monkeypatch.setattr(
+        backup_blobs.ChunkedLayerWriter, "BATCH_FILES", 3
+    )  # several zstd batches, some running meanwhile
     syncs = []
-    real_sync = gb.sync_filesystem
-    monkeypatch.setattr(gb, "sync_filesystem", lambda path: syncs.append(path) or real_sync(path))
+    real_sync = backup_blobs.sync_filesystem
+    monkeypatch.setattr(backup_blobs, "sync_filesystem", lambda path: syncs.append(path) or real_sync(path))
     tree = a_tree(tmp_path / "upper", 80, "a")
     layer = io.BytesIO()
     gpulab_overlay.write_layer(tree, layer)
 
     known = {}
-    writer = gb.ChunkedLayerWriter(store, known, **SMALL_CHUNKS)
+    writer = backup_blobs.ChunkedLayerWriter(store, known, **SMALL_CHUNKS)
     stats = gpulab_overlay.write_layer(tree, writer)
     blobs, written = writer.finish()
     assert writer.chunks_new > 6 and len(blobs) == writer.chunks_new + writer.chunks_reused
     assert b"".join(decompressed(store, b) for b in blobs) == layer.getvalue()
     assert stats["diff_id"] == blob_id(layer.getvalue())
     assert written == sum(os.path.getsize(store.blob_path(d)) for d in {b["digest"] for b in blobs})
-    assert all(b["stored_digest"] == gb.file_sha256(store.blob_path(b["digest"])) for b in blobs)
+    assert all(b["stored_digest"] == backup_files.file_sha256(store.blob_path(b["digest"])) for b in blobs)
     assert syncs == [store.tmp]  # one syncfs for all the chunks, before they were renamed into blobs/
     assert os.listdir(store.tmp) == []
 
     # The same tree again: every chunk is known, nothing is written, nothing synced.
-    again = gb.ChunkedLayerWriter(store, known, **SMALL_CHUNKS)
+    again = backup_blobs.ChunkedLayerWriter(store, known, **SMALL_CHUNKS)
     gpulab_overlay.write_layer(tree, again)
     assert again.finish() == (blobs, 0)
     assert (again.chunks_new, syncs) == (0, [store.tmp])
@@ -563,7 +577,7 @@ def test_chunked_layer_writer_stores_each_chunk_once_and_leaves_nothing_behind(s
     # A layer given up halfway (the fast path falls back): its chunks, compressed or not, leave no trace.
     before = stored_files(store)
     a_tree(tree, 60, "b")
-    abandoned = gb.ChunkedLayerWriter(store, known, **SMALL_CHUNKS)
+    abandoned = backup_blobs.ChunkedLayerWriter(store, known, **SMALL_CHUNKS)
     gpulab_overlay.write_layer(tree, abandoned)
     assert abandoned.chunks_new > 3 and os.listdir(store.tmp)  # chunk files were there
     abandoned.abort()
@@ -576,7 +590,7 @@ def chunked_manifest(store, count):
     pieces = [os.urandom(5000 + i) for i in range(count)]
     blobs = []
     for piece in pieces:
-        with gb.BlobWriter(store) as writer:
+        with backup_blobs.BlobWriter(store) as writer:
             writer.write(piece)
             blobs.append(store.keep(writer, writer.finish(), {})[0])
     data = b"".join(pieces)
@@ -585,13 +599,15 @@ def chunked_manifest(store, count):
 
 
 def test_chunks_are_verified_in_batches_and_a_bad_one_is_named(store, monkeypatch):
-    monkeypatch.setattr(gb, "BATCH_VERIFY_FILES", 3)
+    monkeypatch.setattr(backup_verify, "BATCH_VERIFY_FILES", 3)
     one_by_one = []
-    real_verify_blob = gb._verify_blob
-    monkeypatch.setattr(gb, "_verify_blob", lambda *a: one_by_one.append(a[1]["digest"]) or real_verify_blob(*a))
+    real_verify_blob = backup_verify._verify_blob
+    monkeypatch.setattr(
+        backup_verify, "_verify_blob", lambda *a: one_by_one.append(a[1]["digest"]) or real_verify_blob(*a)
+    )
     manifest, _ = chunked_manifest(store, 8)
     blobs = manifest["layers"][0]["blobs"]
-    assert gb.verify_backup(store, manifest)["blobs"] == 8
+    assert backup_verify.verify_backup(store, manifest).blobs == 8
     assert one_by_one == []  # three batches, each through one zstd
 
     # A blob whose file is damaged, and one whose file matches its stored checksum but holds other content (written
@@ -606,8 +622,8 @@ def test_chunks_are_verified_in_batches_and_a_bad_one_is_named(store, monkeypatc
     os.chmod(store.blob_path(forged), 0o600)
     Path(store.blob_path(forged)).write_bytes(other)
     blobs[6].update(stored_digest=blob_id(other), stored_size=len(other))
-    with pytest.raises(gb.BackupError) as refused:
-        gb.verify_backup(store, manifest)
+    with pytest.raises(backup_common.BackupError) as refused:
+        backup_verify.verify_backup(store, manifest)
     message = str(refused.value)
     assert f"blob {damaged} is corrupt (its file has" in message
     assert f"blob {forged} is corrupt (its content has" in message
@@ -617,16 +633,16 @@ def test_chunks_are_verified_in_batches_and_a_bad_one_is_named(store, monkeypatc
 
 
 def test_a_layer_of_more_blobs_than_one_zstd_reads(store, monkeypatch):
-    monkeypatch.setattr(gb.BlobReader, "BATCH_PATHS", 3)
+    monkeypatch.setattr(backup_streams.BlobReader, "BATCH_PATHS", 3)
     manifest, data = chunked_manifest(store, 8)
     paths = [store.blob_path(b["digest"]) for b in manifest["layers"][0]["blobs"]]
-    reader = gb.BlobReader(paths)
+    reader = backup_streams.BlobReader(paths)
     assert b"".join(reader.chunks()) == data  # three zstd processes, one after the other
     reader.close()
-    with pytest.raises(gb.BackupError, match="8 blobs are more than one zstd process reads"):
-        gb.BlobReader(paths).pipe()
+    with pytest.raises(backup_common.BackupError, match="8 blobs are more than one zstd process reads"):
+        backup_streams.BlobReader(paths).pipe()
     config = config_of([data])
-    tar_bytes = b"".join(iter(gb.LoadTar(store, config, manifest["layers"], "gpulab-backup/t:1").read, b""))
+    tar_bytes = b"".join(iter(restore_job.LoadTar(store, config, manifest["layers"], "gpulab-backup/t:1").read, b""))
     with tarfile.open(fileobj=io.BytesIO(tar_bytes)) as tar:
         names = json.loads(tar.extractfile("manifest.json").read())[0]["Layers"]
         assert tar.extractfile(names[0]).read() == data

@@ -9,6 +9,7 @@ systemd timer runs.
 import fcntl
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -34,7 +35,9 @@ from backup_harness import (
 )
 from module_harness import ModuleFail
 
-from ansible_collections.gpulab.lab.plugins.module_utils import gpulab_backup as gb
+from ansible_collections.gpulab.lab.plugins.module_utils.backup import backup as backup_job
+from ansible_collections.gpulab.lab.plugins.module_utils.backup import cli as backup_cli
+from ansible_collections.gpulab.lab.plugins.module_utils.backup import store as backup_store
 from ansible_collections.gpulab.lab.plugins.modules import container_backup, container_restore
 
 pytestmark = [needs_docker, pytest.mark.usefixtures("capture_exit")]
@@ -91,7 +94,7 @@ def test_second_backup_after_a_small_change_writes_only_the_new_layer(container,
         assert first["path_reason"] == "fast_path is off"
     assert first["layer_count"] == 3  # the image's two, and the commit's (or the writable layer)
     assert (first["layers_new"], first["layers_reused"]) == (3, 0)
-    size1 = gb.Store(str(store)).disk_usage()
+    size1 = backup_store.Store(str(store)).disk_usage()
     assert first["store_bytes"] == size1
     assert abs(first["bytes_written"] - size1) < 64 * 1024  # what it says it wrote is on disk
     assert first["bytes_read"] >= sum(x["size"] for x in read_json(first["manifest"])["layers"])
@@ -108,7 +111,7 @@ def test_second_backup_after_a_small_change_writes_only_the_new_layer(container,
     new_blobs = [b for b in manifest["layers"][-1]["blobs"] if b["digest"] not in before]
     assert [x["diff_id"] for x in manifest["layers"][:2]] == tiny["layers"]
     assert second["mounts"][0]["reused"] is True  # unchanged work directory: not archived again
-    size2 = gb.Store(str(store)).disk_usage()
+    size2 = backup_store.Store(str(store)).disk_usage()
     growth = size2 - size1
     manifest_size = os.path.getsize(second["manifest"])
     # It wrote the new layer's blobs and the manifest, nothing else; the store grew by that (block rounding aside).
@@ -122,7 +125,7 @@ def test_second_backup_after_a_small_change_writes_only_the_new_layer(container,
     else:
         assert second["bytes_read"] == top_size  # only the writable layer was read
         assert second["base_image_stored"] is False
-        assert gb.Store(str(store)).missing_blobs(manifest) == []
+        assert backup_store.Store(str(store)).missing_blobs(manifest) == []
 
 
 @pytest.mark.parametrize("path", PATHS)
@@ -192,14 +195,16 @@ def test_retention_keeps_the_newest_complete_backup(container, tmp_path):
     for i in range(3):
         sh("docker", "exec", container["name"], "sh", "-c", f"echo {i} > /root/round.txt")
         ids.append(backup(container, store, keep_last=2)["backup_id"])
-    s = gb.Store(str(store))
+    s = backup_store.Store(str(store))
 
     def kept():
         return [m["id"] for m in s.backups_of(container["name"])]
 
     assert kept() == ids[1:]
     # Every blob left is referenced, and every kept backup is complete.
-    referenced = {b["digest"] for i in ids[1:] for b, _ in gb.manifest_blobs(s.read_manifest(container["name"], i))}
+    referenced = {
+        b["digest"] for i in ids[1:] for b, _ in backup_store.manifest_blobs(s.read_manifest(container["name"], i))
+    }
     assert {"sha256:" + n for n in os.listdir(s.blobs)} == referenced
     # The newest backup loses a blob: the newest complete one is the one before; a restore takes that one.
     newest = s.read_manifest(container["name"], ids[2])
@@ -212,7 +217,9 @@ def test_retention_keeps_the_newest_complete_backup(container, tmp_path):
     assert latest["removed_backups"] == ids[1:]
     assert kept() == [latest["backup_id"]]
     assert s.pick(container["name"]) == (s.read_manifest(container["name"], latest["backup_id"]), [])
-    referenced = {b["digest"] for b, _ in gb.manifest_blobs(s.read_manifest(container["name"], latest["backup_id"]))}
+    referenced = {
+        b["digest"] for b, _ in backup_store.manifest_blobs(s.read_manifest(container["name"], latest["backup_id"]))
+    }
     assert {"sha256:" + n for n in os.listdir(s.blobs)} == referenced
 
 
@@ -261,9 +268,9 @@ def test_a_backup_killed_while_writing_leaves_the_store_consistent(container, tm
     assert report["bytes_read"] > 0
     assert {"seconds", "bytes_written"} <= set(report)
 
-    s = gb.Store(str(store))
+    s = backup_store.Store(str(store))
     assert s.backup_ids(container["name"]) == [earlier["backup_id"]]  # no manifest, so no backup
-    assert gb.list_store(str(store))["backups"][0]["complete"] is True
+    assert backup_cli.list_store(str(store))["backups"][0]["complete"] is True
     # Every earlier backup restorable: verified in full, and restored.
     checked = restore(container, store, verify_only=True)
     assert checked["verified"] == "full"
@@ -447,13 +454,19 @@ def test_skipped_mounts_and_secrets(tiny, tmp_path):
 
 
 def test_the_command_line_of_the_systemd_timer(container, tmp_path):
-    """module_utils/gpulab_backup.py run on its own by python3, without Ansible."""
+    """The backup package run on its own by python3, without Ansible, from a copy of the files role backup installs
+    on the server (module_utils/docker_api.py and module_utils/backup/*.py, nothing else)."""
     store = tmp_path / "store"
-    script = ROOT / "ansible_collections" / "gpulab" / "lab" / "plugins" / "module_utils" / "gpulab_backup.py"
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    lib = tmp_path / "lib"
+    utils = ROOT / "ansible_collections" / "gpulab" / "lab" / "plugins" / "module_utils"
+    for source in [utils / "docker_api.py", *sorted((utils / "backup").glob("*.py"))]:
+        target = lib / source.relative_to(ROOT)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(source, target)
+    env = {**{k: v for k, v in os.environ.items() if k != "PYTHONPATH"}, "PYTHONPATH": str(lib)}
     # The server's own python3 (Debian's, without Ansible) when there is one, as the timer runs it.
     python = "/usr/bin/python3" if os.access("/usr/bin/python3", os.X_OK) else sys.executable
-    argv = [python, str(script)]
+    argv = [python, "-m", "ansible_collections.gpulab.lab.plugins.module_utils.backup.cli"]
     progress = tmp_path / "progress.json"
     started = time.monotonic()
     proc = subprocess.run(
@@ -466,16 +479,18 @@ def test_the_command_line_of_the_systemd_timer(container, tmp_path):
     assert result["layers_new"] == 3
     assert result["seconds"] <= time.monotonic() - started
     assert not progress.exists()  # removed at the end
-    listing = json.loads(sh(*argv, "list", "--store", store))
+    listing = json.loads(
+        subprocess.run([*argv, "list", "--store", store], capture_output=True, text=True, env=env, check=True).stdout
+    )
     assert [b["backup_id"] for b in listing["backups"]] == [result["backup_id"]]
     checked = subprocess.run(
         [*argv, "restore", "--store", store, "--container", container["name"], "--verify-only"],
-        capture_output=True, text=True, check=False,
+        capture_output=True, text=True, env=env, check=False,
     )  # fmt: skip
     assert json.loads(checked.stdout)["verified"] == "full"
     bad = subprocess.run(
         [*argv, "backup", "--store", store, "--container", "gpulab-unittest-nope"],
-        capture_output=True, text=True, check=False,
+        capture_output=True, text=True, env=env, check=False,
     )  # fmt: skip
     assert bad.returncode == 1
     assert "backup of gpulab-unittest-nope failed: no container named gpulab-unittest-nope" in bad.stderr
@@ -483,7 +498,7 @@ def test_the_command_line_of_the_systemd_timer(container, tmp_path):
 
 def test_why_the_fast_path_is_not_taken(container, tmp_path):
     """Each reason the backup falls back to commit + save, on the container's real inspect data changed one way."""
-    job = gb.BackupJob(container=container["name"], store=str(tmp_path / "store"))
+    job = backup_job.BackupJob(container=container["name"], store=str(tmp_path / "store"))
     job.inspect()
     assert job.path_taken == "overlay-upperdir" and job.path_reason is None
     real = job.info
@@ -503,7 +518,9 @@ def test_why_the_fast_path_is_not_taken(container, tmp_path):
     job.info = real
     job.fast_path = False
     assert job._fast_path_check()[2] == "fast_path is off"
-    archive = gb.BackupJob(container=container["name"], fmt="docker-archive", archive_path=str(tmp_path / "a.tar"))
+    archive = backup_job.BackupJob(
+        container=container["name"], format="docker-archive", archive_path=str(tmp_path / "a.tar")
+    )
     archive.inspect()
     assert archive.path_taken == "commit-save" and "docker-archive" in archive.path_reason
 

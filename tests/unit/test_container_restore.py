@@ -30,7 +30,10 @@ from backup_harness import (
 )
 from module_harness import ModuleFail
 
-from ansible_collections.gpulab.lab.plugins.module_utils import gpulab_backup as gb
+from ansible_collections.gpulab.lab.plugins.module_utils import docker_api as api
+from ansible_collections.gpulab.lab.plugins.module_utils.backup import common as backup_common
+from ansible_collections.gpulab.lab.plugins.module_utils.backup import files as backup_files
+from ansible_collections.gpulab.lab.plugins.module_utils.backup import store as backup_store
 from ansible_collections.gpulab.lab.plugins.modules import container_backup, container_restore
 
 pytestmark = [needs_docker, pytest.mark.usefixtures("capture_exit")]
@@ -138,7 +141,7 @@ def test_the_restored_container_has_the_same_settings_and_files(notebook):
         "8888/tcp": [{"HostIp": "127.0.0.1", "HostPort": str(notebook["port"])}]
     }
     assert after["Config"]["Labels"]["io.gpulab.notebook.user"] == "alice"
-    assert after["Config"]["Labels"][gb.RESTORED_LABEL] == result["backup_id"]
+    assert after["Config"]["Labels"][backup_common.RESTORED_LABEL] == result["backup_id"]
     assert after["Config"]["Image"] == result["image"] == f"gpulab-backup/{notebook['name']}:{result['backup_id']}"
     assert after["State"]["Running"] is True
     # Files: inside the container, and in the bind-mounted folders with their owner and mode.
@@ -187,7 +190,7 @@ def refused_without_change(notebook, match, **options):
 def test_a_corrupt_blob_is_refused_before_docker_changes(notebook):
     manifest = read_json(notebook["backup"]["manifest"])
     digest = manifest["layers"][-1]["blobs"][-1]["digest"]  # a chunk of the writable layer
-    path = Path(gb.Store(str(notebook["store"])).blob_path(digest))
+    path = Path(backup_store.Store(str(notebook["store"])).blob_path(digest))
     data = bytearray(path.read_bytes())
     data[-10] ^= 0xFF
     path.chmod(0o600)
@@ -199,7 +202,7 @@ def test_a_corrupt_blob_is_refused_before_docker_changes(notebook):
 def test_a_missing_blob_is_refused_before_docker_changes(notebook):
     manifest = read_json(notebook["backup"]["manifest"])
     digest = manifest["mounts"][0]["blobs"][0]["digest"]
-    os.unlink(gb.Store(str(notebook["store"])).blob_path(digest))
+    os.unlink(backup_store.Store(str(notebook["store"])).blob_path(digest))
     refused_without_change(notebook, f"blob {digest} is missing", backup=notebook["backup"]["backup_id"])
     # Without an id, the newest complete backup is wanted: there is none.
     refused_without_change(notebook, f"no complete backup of container {notebook['name']}.*{digest} is missing")
@@ -210,7 +213,7 @@ def test_a_layer_whose_content_differs_is_refused_while_it_streams(notebook, tmp
     off before the tar's manifest, and the engine keeps nothing."""
     remove_container(notebook["name"])
     remove_images_of(notebook["name"])
-    store = gb.Store(str(notebook["store"]))
+    store = backup_store.Store(str(notebook["store"]))
     path = notebook["backup"]["manifest"]
     manifest = read_json(path)
     top = manifest["layers"][-1]
@@ -223,7 +226,7 @@ def test_a_layer_whose_content_differs_is_refused_while_it_streams(notebook, tmp
     blob_path = store.blob_path(chunk["digest"])
     os.chmod(blob_path, 0o600)
     subprocess.run(["zstd", "-qf", forged, "-o", blob_path], check=True)
-    chunk.update(stored_digest=gb.file_sha256(blob_path), stored_size=os.path.getsize(blob_path))
+    chunk.update(stored_digest=backup_files.file_sha256(blob_path), stored_size=os.path.getsize(blob_path))
     os.chmod(path, 0o600)
     Path(path).write_text(json.dumps(manifest))
     since = time.time()
@@ -231,7 +234,7 @@ def test_a_layer_whose_content_differs_is_refused_while_it_streams(notebook, tmp
         restore(notebook)
     time.sleep(1.1)
     assert inspect(notebook["name"]) is None
-    assert gb.api.Engine().image(manifest["image"]["id"]) is None
+    assert api.Engine().image(manifest["image"]["id"]) is None
     assert engine_events(since, time.time(), notebook["name"], "gpulab-backup/") == []
     with pytest.raises(ModuleFail, match=f"blob {chunk['digest']} is corrupt"):
         restore(notebook, verify_only=True)  # the full check finds it without Docker

@@ -1,4 +1,4 @@
-"""Tests of library/docker_image_archive.py on real archives.
+"""Tests of plugins/modules/docker_image_archive.py on real archives.
 
 A real `docker save` archive of a tiny image built FROM scratch on this machine's engine (skipped without one), in
 plain, gzip and zstd form; OCI-layout archives as Docker 25+ writes them (index.json, oci-layout, blobs/sha256 and a
@@ -19,6 +19,7 @@ import pytest
 from ansible.module_utils.testing import patch_module_args
 from module_harness import ModuleExit, ModuleFail
 
+from ansible_collections.gpulab.lab.plugins.module_utils import docker_api as api
 from ansible_collections.gpulab.lab.plugins.modules import docker_image_archive as dia
 
 SOCKET = "/var/run/docker.sock"
@@ -191,6 +192,22 @@ def test_truncated_archive_is_refused(tmp_path, fmt):
     assert "truncated" in info.value.result["msg"] or "decompress" in info.value.result["msg"]
 
 
+def test_a_corrupt_archive_is_named_by_its_whole_path(tmp_path):
+    """zstd shortens the names in its messages to their last 20 characters (v/h3/dl-half.tar.zst): the module's error
+    names the whole path of the archive."""
+    folder = tmp_path / "var" / "cache" / "gpulab" / "deepo" / "v" / "h3"
+    folder.mkdir(parents=True)
+    plain = folder / "dl-half.tar"
+    oci_archive(plain, a_layer() + b"x" * 300_000)
+    path = compress(plain, "zstd")
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ModuleFail) as info:
+        run({"path": str(path), "inspect_only": True})
+    assert str(path) in info.value.result["msg"]
+    assert "decompress" in info.value.result["msg"]
+
+
 def test_plain_tar_cut_at_a_member_boundary_is_refused(tmp_path):
     """A plain tar is checked from its headers (the layers' data is sought over): a file cut just after a whole member
     lacks the end-of-archive blocks."""
@@ -273,15 +290,15 @@ def test_load_streams_into_the_engine_and_then_skips(saved, tmp_path):
     path = compress(saved["plain"], "zstd")  # the format Docker 20.10 cannot read itself
     progress = tmp_path / "progress.json"
     try:
-        assert not dia.engine_has_image(SOCKET, saved["id"])
+        assert not api.Engine(SOCKET).has_image(saved["id"])
         checked = run({"path": str(path), "progress_file": str(progress)}, check_mode=True)
         assert checked["changed"] is True
         assert checked["missing_ids"] == [saved["id"]]
-        assert not dia.engine_has_image(SOCKET, saved["id"])  # check mode loads nothing
+        assert not api.Engine(SOCKET).has_image(saved["id"])  # check mode loads nothing
 
         loaded = run({"path": str(path), "progress_file": str(progress)})
         assert loaded["changed"] is True
-        assert dia.engine_has_image(SOCKET, saved["id"])
+        assert api.Engine(SOCKET).has_image(saved["id"])
         assert not progress.exists()  # removed at the end
 
         again = run({"path": str(path)})
@@ -295,20 +312,20 @@ def test_load_streams_into_the_engine_and_then_skips(saved, tmp_path):
 def test_wrong_checksum_loads_nothing(saved):
     with pytest.raises(ModuleFail, match="not the expected"):
         run({"path": str(saved["plain"]), "sha256": "1" * 64})
-    assert not dia.engine_has_image(SOCKET, saved["id"])
+    assert not api.Engine(SOCKET).has_image(saved["id"])
 
 
 def test_progress_file(tmp_path):
     target = tmp_path / "p.json"
-    progress = dia.Progress(str(target), 1000)
+    progress = dia.Progress(str(target), bytes_total=1000)
     progress("load", 250, force=True)
     assert json.loads(target.read_text())["bytes_done"] == 250
     assert json.loads(target.read_text())["bytes_total"] == 1000
 
 
 def test_only_unix_sockets():
-    with pytest.raises(dia.ArchiveError, match="only local sockets"):
-        dia.socket_path("tcp://127.0.0.1:2375")
+    with pytest.raises(api.DockerApiError, match="only local sockets"):
+        api.socket_path("tcp://127.0.0.1:2375")
 
 
 def test_the_cache_skips_the_second_read_but_not_a_changed_file(tmp_path, monkeypatch):

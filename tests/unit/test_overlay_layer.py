@@ -1,4 +1,4 @@
-"""Tests of module_utils/gpulab_overlay.py: an overlay upper directory made here, written as a layer tar and read back
+"""Tests of module_utils/backup/overlay.py: an overlay upper directory made here, written as a layer tar and read back
 with Python's tarfile; and the member-aligned content-defined chunker.
 
 Run as root (mknod, chown, trusted.* xattrs); cases the filesystem here refuses are skipped, not failed.
@@ -15,7 +15,7 @@ import threading
 
 import pytest
 
-from ansible_collections.gpulab.lab.plugins.module_utils import overlay as go
+from ansible_collections.gpulab.lab.plugins.module_utils.backup import overlay as go
 
 SPACED = "a file with spaces.txt"
 NON_ASCII = "données_日本語_ß.txt"

@@ -14,10 +14,11 @@ layer once as a zstd-compressed blob named by its sha256 (written atomically: te
 the bind-mount sources, and writes a manifest last.
 The fast path (issue 7): on overlay2, once the layers of the container's image are in the store, it reads the
 container's writable layer straight from its upper directory (paused only while it is read) instead of commit + save,
-and stores it as content-defined chunks (module_utils/gpulab_overlay.py), so a backup costs time and bytes in
+and stores it as content-defined chunks (module_utils/backup/overlay.py), so a backup costs time and bytes in
 proportion to what changed, not to the image. Retention keeps the newest backups per container and removes blobs
 no backup references. An image nearing Docker's 125-layer limit is flattened instead of failing one day.
-The code lives in module_utils/gpulab_backup.py, which the role backup's systemd timer runs without Ansible.
+The code lives in the package module_utils/backup/ (backup.py, sources.py; its options in options.py), which the role
+backup's systemd timer runs without Ansible (cli.py).
 Python's standard library only (3.8 or newer) and the zstd and tar programs on the server.
 """
 
@@ -111,10 +112,6 @@ options:
         and stores a deep-learning image in about 45 % of its size; V(3) stores it in about 38 %, at twice the CPU.
     type: int
     default: -1
-  docker_host:
-    description: The engine's socket.
-    type: str
-    default: unix:///var/run/docker.sock
   timeout:
     description: Seconds to wait for each read from the engine; V(0) waits for ever (a multi-GB save takes minutes).
     type: int
@@ -128,16 +125,8 @@ options:
         V(false) always commits and saves.
     type: bool
     default: true
-attributes:
-  check_mode:
-    description: Can run in check mode and return changed status prediction without modifying target.
-    support: full
-  diff_mode:
-    description: Will return details on what has changed (or possibly needs changing in check mode), when in diff mode.
-    support: none
-  idempotent:
-    description: When run twice in a row, the second run reports no change.
-    support: none
+extends_documentation_fragment: [gpulab.lab.attributes, gpulab.lab.attributes.idempotent, gpulab.lab.docker]
+attributes: {check_mode: {support: full}, diff_mode: {support: none}, idempotent: {support: none}}
 notes:
   - Every run makes a new backup (changed); a run in check mode says what it would commit, store and remove.
   - Named volumes and tmpfs mounts are not backed up (listed in RV(skipped_mounts)).
@@ -267,63 +256,25 @@ notices:
   returned: always
 """
 
-import traceback
-
 from ansible.module_utils.basic import AnsibleModule
 
-from ansible_collections.gpulab.lab.plugins.module_utils import docker_api as api
-from ansible_collections.gpulab.lab.plugins.module_utils import gpulab_backup as backup
+from ansible_collections.gpulab.lab.plugins.module_utils.backup import options
+from ansible_collections.gpulab.lab.plugins.module_utils.backup.backup import BackupJob
+from ansible_collections.gpulab.lab.plugins.module_utils.backup.module import run_job
 
 
 def main():
     module = AnsibleModule(
-        argument_spec={
-            "container": {"type": "str", "required": True},
-            "store": {"type": "path"},
-            "keep_last": {"type": "int", "default": 3},
-            "include_workdir": {"type": "bool", "default": True},
-            "pause": {"type": "bool", "default": True},
-            "format": {"type": "str", "default": "store", "choices": ["store", "docker-archive"]},
-            "archive_path": {"type": "path"},
-            "flatten_threshold": {"type": "int", "default": backup.DEFAULT_FLATTEN_THRESHOLD},
-            "secret_env": {"type": "list", "elements": "str", "default": list(backup.DEFAULT_SECRET_ENV)},
-            "compression_level": {"type": "int", "default": backup.DEFAULT_LEVEL},
-            "docker_host": {"type": "str", "default": "unix:///var/run/docker.sock"},
-            "timeout": {"type": "int", "default": 0},
-            "progress_file": {"type": "path"},
-            "fast_path": {"type": "bool", "default": True},
-        },
-        required_if=[("format", "store", ["store"]), ("format", "docker-archive", ["archive_path"])],
+        argument_spec=options.argument_spec(options.BACKUP),
+        required_if=[(k, v, list(names)) for k, v, names in options.BACKUP_REQUIRED_IF],
         supports_check_mode=True,
     )
-    p = module.params
-    try:
-        job = backup.BackupJob(
-            container=p["container"],
-            store=p["store"],
-            keep_last=p["keep_last"],
-            include_workdir=p["include_workdir"],
-            pause=p["pause"],
-            fmt=p["format"],
-            archive_path=p["archive_path"],
-            flatten_threshold=p["flatten_threshold"],
-            secret_env=p["secret_env"],
-            level=p["compression_level"],
-            docker_host=p["docker_host"],
-            timeout=p["timeout"],
-            progress_file=p["progress_file"],
-            fast_path=p["fast_path"],
-        )
-        result = job.plan() if module.check_mode else job.run()
-    except (backup.BackupError, api.DockerApiError) as e:
-        module.fail_json(msg=str(e), container=p["container"])
-    except Exception as e:
-        module.fail_json(msg=f"Unexpected error backing up {p['container']}: {e}", exception=traceback.format_exc())
-    # Shown as Ansible warnings, and returned as notices (a module's own "warnings" key is deprecated in ansible-core).
-    notices = result.pop("warnings", [])
-    for notice in notices:
-        module.warn(notice)
-    module.exit_json(notices=notices, **result)
+
+    def backup():
+        job = BackupJob(**module.params)
+        return job.plan() if module.check_mode else job.run()
+
+    run_job(module, "backing up", backup)
 
 
 if __name__ == "__main__":

@@ -17,8 +17,8 @@ with no read timeout and without holding the image in memory (layers the engine 
 bind-mount sources with their owners and modes, and creates and starts the container with its saved run settings
 (name, command, env, ports with host IPs, mounts, GPU device requests, restart policy, ipc mode, shm size, memory,
 cpus, labels, user, working dir).
-The code lives in module_utils/gpulab_backup.py. Python's standard library only (3.8 or newer) and the zstd and tar
-programs on the server.
+The code lives in the package module_utils/backup/ (restore.py, verify.py; its options in options.py). Python's
+standard library only (3.8 or newer) and the zstd and tar programs on the server.
 """
 
 from __future__ import annotations
@@ -91,10 +91,6 @@ options:
   start:
     description: Start the container after creating it; by default, when it was running at the backup.
     type: bool
-  docker_host:
-    description: The engine's socket.
-    type: str
-    default: unix:///var/run/docker.sock
   timeout:
     description: Seconds to wait for each read from the engine; V(0) waits for ever.
     type: int
@@ -102,16 +98,8 @@ options:
   progress_file:
     description: File the progress is written to as JSON (phase, seconds, bytes verified and sent), for async callers.
     type: path
-attributes:
-  check_mode:
-    description: Can run in check mode and return changed status prediction without modifying target.
-    support: full
-  diff_mode:
-    description: Will return details on what has changed (or possibly needs changing in check mode), when in diff mode.
-    support: none
-  idempotent:
-    description: When run twice in a row, the second run reports no change.
-    support: full
+extends_documentation_fragment: [gpulab.lab.attributes, gpulab.lab.attributes.idempotent, gpulab.lab.docker]
+attributes: {check_mode: {support: full}, diff_mode: {support: none}, idempotent: {support: full}}
 notes:
   - In check mode the blobs are checked for presence and size only.
   - Idempotent in that a second run finds the container and leaves it alone (unless O(force=true)).
@@ -218,58 +206,16 @@ notices:
   returned: always
 """
 
-import traceback
-
 from ansible.module_utils.basic import AnsibleModule
 
-from ansible_collections.gpulab.lab.plugins.module_utils import docker_api as api
-from ansible_collections.gpulab.lab.plugins.module_utils import gpulab_backup as backup
+from ansible_collections.gpulab.lab.plugins.module_utils.backup import options
+from ansible_collections.gpulab.lab.plugins.module_utils.backup.module import run_job
+from ansible_collections.gpulab.lab.plugins.module_utils.backup.restore import RestoreJob
 
 
 def main():
-    module = AnsibleModule(
-        argument_spec={
-            "store": {"type": "path", "required": True},
-            "container": {"type": "str", "required": True},
-            "backup": {"type": "str"},
-            "force": {"type": "bool", "default": False},
-            "restore_workdir": {"type": "bool", "default": True},
-            "verify_only": {"type": "bool", "default": False},
-            "verify": {"type": "str", "default": "content", "choices": ["content", "full", "stored"]},
-            "env": {"type": "dict", "no_log": True},
-            "start": {"type": "bool"},
-            "docker_host": {"type": "str", "default": "unix:///var/run/docker.sock"},
-            "timeout": {"type": "int", "default": 0},
-            "progress_file": {"type": "path"},
-        },
-        supports_check_mode=True,
-    )
-    p = module.params
-    try:
-        job = backup.RestoreJob(
-            store=p["store"],
-            container=p["container"],
-            backup=p["backup"],
-            force=p["force"],
-            restore_workdir=p["restore_workdir"],
-            verify_only=p["verify_only"],
-            verify=p["verify"],
-            env=p["env"],
-            start=p["start"],
-            docker_host=p["docker_host"],
-            timeout=p["timeout"],
-            progress_file=p["progress_file"],
-        )
-        result = job.run(check_mode=module.check_mode)
-    except (backup.BackupError, api.DockerApiError) as e:
-        module.fail_json(msg=str(e), container=p["container"])
-    except Exception as e:
-        module.fail_json(msg=f"Unexpected error restoring {p['container']}: {e}", exception=traceback.format_exc())
-    # Shown as Ansible warnings, and returned as notices (a module's own "warnings" key is deprecated in ansible-core).
-    notices = result.pop("warnings", [])
-    for notice in notices:
-        module.warn(notice)
-    module.exit_json(notices=notices, **result)
+    module = AnsibleModule(argument_spec=options.argument_spec(options.RESTORE), supports_check_mode=True)
+    run_job(module, "restoring", lambda: RestoreJob(**module.params).run(check_mode=module.check_mode))
 
 
 if __name__ == "__main__":

@@ -19,7 +19,9 @@ Why gpulab writes its own module instead of using community.docker.docker_image_
   manifest, in both layouts `docker save` writes (the legacy manifest.json + <id>.json of Docker before 25, and the
   OCI image layout, index.json + oci-layout + blobs/sha256, of Docker 25 and later).
   When every image ID of the archive is already in the engine, nothing is loaded (idempotence).
-The module needs only Python's standard library on the server (3.8 or newer).
+The archive reader is module_utils/backup/docker_save.py, shared with the backup's reading of `docker save` streams;
+the engine's client is module_utils/docker_api.py. The module needs only Python's standard library on the server (3.8
+or newer).
 """
 
 from __future__ import annotations
@@ -59,10 +61,6 @@ options:
     description: Only check the archive and return its image IDs; do not talk to Docker.
     type: bool
     default: false
-  docker_host:
-    description: The engine's socket.
-    type: str
-    default: unix:///var/run/docker.sock
   timeout:
     description: Seconds to wait for each read from the engine during the load; V(0) waits for ever.
     type: int
@@ -75,16 +73,8 @@ options:
       - Folder where the result of a check is kept, per file (path, size and modification time). A later run on the
         same unchanged file reuses it instead of reading the whole archive again (the checksum too).
     type: path
-attributes:
-  check_mode:
-    description: Can run in check mode and return changed status prediction without modifying target.
-    support: full
-  diff_mode:
-    description: Will return details on what has changed (or possibly needs changing in check mode), when in diff mode.
-    support: none
-  idempotent:
-    description: When run twice in a row, the second run reports no change.
-    support: full
+extends_documentation_fragment: [gpulab.lab.attributes, gpulab.lab.attributes.idempotent, gpulab.lab.docker]
+attributes: {check_mode: {support: full}, diff_mode: {support: none}, idempotent: {support: full}}
 """
 
 EXAMPLES = r"""
@@ -136,334 +126,24 @@ seconds:
   returned: always
 """
 
-import gzip
 import hashlib
 import json
 import os
-import shutil
-import subprocess
-import tarfile
 import time
 import traceback
 
 from ansible.module_utils.basic import AnsibleModule
 
 from ansible_collections.gpulab.lab.plugins.module_utils import docker_api as api
-
-CHUNK = 1024 * 1024
-SUFFIXES = {".tar": "tar", ".tar.gz": "gzip", ".tgz": "gzip", ".tar.zst": "zstd", ".tar.zstd": "zstd"}
-MAGIC = {b"\x1f\x8b": "gzip", b"\x28\xb5\x2f\xfd": "zstd"}
-OTHER_MAGIC = {
-    b"Rar!": "a RAR archive",
-    b"PK\x03\x04": "a ZIP archive",
-    b"7z\xbc\xaf": "a 7-Zip archive",
-    b"BZh": "a bzip2 file",
-    b"\xfd7zXZ": "an xz file",
-}
-SMALL_JSON = 4 * 1024 * 1024  # manifests, indexes and configs are read into memory up to this size
-
-
-class ArchiveError(Exception):
-    """An archive gpulab will not load, with a message the user can act on."""
-
-
-def suffix_format(path):
-    """The compression the file name promises, or raise ArchiveError."""
-    name = os.path.basename(path).lower()
-    for suffix, fmt in sorted(SUFFIXES.items(), key=lambda kv: -len(kv[0])):
-        if name.endswith(suffix):
-            return fmt
-    raise ArchiveError(
-        f"{path} is not a docker save archive gpulab can load: its name must end in .tar, .tar.gz, .tgz or .tar.zst "
-        "(docker save -o image.tar, optionally compressed with gzip or zstd)."
-    )
-
-
-def sniff_format(path):
-    """The compression the file's first bytes show: tar, gzip or zstd; raise ArchiveError for anything else."""
-    with open(path, "rb") as f:
-        head = f.read(512)
-    for magic, fmt in MAGIC.items():
-        if head.startswith(magic):
-            return fmt
-    if len(head) >= 262 and head[257:262] == b"ustar":
-        return "tar"
-    for magic, what in OTHER_MAGIC.items():
-        if head.startswith(magic):
-            raise ArchiveError(f"{path} is {what}, not a docker save archive (.tar, .tar.gz or .tar.zst).")
-    raise ArchiveError(f"{path} is neither a tar archive nor gzip- or zstd-compressed: not a docker save archive.")
-
-
-def file_sha256(path, progress=None):
-    digest = hashlib.sha256()
-    done = 0
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(CHUNK), b""):
-            digest.update(block)
-            done += len(block)
-            if progress:
-                progress("checksum", done)
-    return digest.hexdigest()
-
-
-class _Zstd:
-    """A readable stream of a .zst file's decompressed bytes, from the zstd program (Debian package zstd)."""
-
-    def __init__(self, path):
-        program = shutil.which("zstd") or shutil.which("zstd", path="/usr/bin:/bin:/usr/local/bin")
-        if not program:
-            raise ArchiveError(
-                f"{path} is zstd-compressed, but this machine has no zstd program: install the package zstd."
-            )
-        self.proc = subprocess.Popen([program, "-dcq", "--", path], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        self.stream = self.proc.stdout
-
-    def read(self, size=-1):
-        return self.stream.read(size)
-
-    def close(self):
-        self.stream.close()
-        err = self.proc.stderr.read().decode(errors="replace").strip()
-        self.proc.stderr.close()
-        rc = self.proc.wait()
-        if rc not in (0, -13):  # -13: SIGPIPE, when the reader stopped early (it reports its own error)
-            raise ArchiveError(f"zstd could not decompress the archive: {err or 'exit status ' + str(rc)}")
-
-
-def open_tar_stream(path, fmt):
-    """A file-like object that yields the plain tar bytes of the archive."""
-    if fmt == "tar":
-        return open(path, "rb")
-    if fmt == "gzip":
-        return gzip.open(path, "rb")
-    return _Zstd(path)
-
-
-class _Counter:
-    """Counts the bytes read through it (tarfile reads the stream through this)."""
-
-    def __init__(self, stream, progress=None, phase="check"):
-        self.stream = stream
-        self.count = 0
-        self.progress = progress
-        self.phase = phase
-
-    def read(self, size=-1):
-        data = self.stream.read(size)
-        self.count += len(data)
-        if self.progress:
-            self.progress(self.phase, self.count)
-        return data
-
-
-def _image_ids_from_legacy(manifest):
-    ids, tags = [], []
-    for entry in manifest:
-        config = entry.get("Config", "")
-        base = os.path.basename(config)
-        digest = base[: -len(".json")] if base.endswith(".json") else base
-        if not digest:
-            raise ArchiveError("the archive's manifest.json has an entry without a Config")
-        ids.append("sha256:" + digest)
-        tags.extend(entry.get("RepoTags") or [])
-    return ids, tags
-
-
-def _image_ids_from_oci(index, blobs):
-    """Config digests of the image manifests the OCI index names (following nested indexes)."""
-    ids, tags = [], []
-
-    def walk(descriptors, depth=0):
-        for desc in descriptors:
-            media = desc.get("mediaType", "")
-            digest = desc.get("digest", "")
-            blob = blobs.get(digest)
-            if blob is None:
-                raise ArchiveError(f"the archive's OCI index names {digest}, which is not in its blobs/")
-            doc = json.loads(blob)
-            if "manifests" in doc or media.endswith("index.v1+json") or media.endswith("manifest.list.v2+json"):
-                if depth < 4:
-                    walk(doc.get("manifests", []), depth + 1)
-                continue
-            config = doc.get("config", {}).get("digest")
-            if not config:
-                raise ArchiveError(f"the archive's image manifest {digest} has no config")
-            ids.append(config)
-            name = desc.get("annotations", {}).get("io.containerd.image.name")
-            if name:
-                tags.append(name)
-
-    walk(index.get("manifests", []))
-    return ids, tags
-
-
-def _read_member(tar, member, name, path):
-    """The member's bytes when it is a small JSON file worth keeping, else None; reads it through either way."""
-    handle = tar.extractfile(member)
-    if _keep(name, member):
-        data = handle.read()
-        if len(data) != member.size:
-            raise ArchiveError(f"{path} is truncated (inside {name})")
-        return data
-    # Read through to the end, so that a truncated member is noticed now, not by the engine.
-    left = member.size
-    while left > 0:
-        block = handle.read(min(CHUNK, left))
-        if not block:
-            raise ArchiveError(f"{path} is truncated (inside {name})")
-        left -= len(block)
-    return None
-
-
-def _keep(name, member):
-    return name in ("manifest.json", "index.json") or (name.startswith("blobs/sha256/") and member.size <= SMALL_JSON)
-
-
-def _scan_plain_tar(path, progress=None):
-    """A plain tar on disk: read only its headers and small JSON files, seeking over the layers' data.
-
-    A plain tar has no checksum of its contents, so reading the layers through would find nothing that the headers do
-    not show: a member that ends past the end of the file, or a missing end-of-archive marker, is a truncated file.
-    """
-    size = os.path.getsize(path)
-    files, names = {}, set()
-    end = 0
-    try:
-        with open(path, "rb") as f:
-            with tarfile.open(fileobj=f, mode="r:") as tar:
-                for member in tar:  # tarfile seeks over each member's data in this mode
-                    name = member.name[2:] if member.name.startswith("./") else member.name
-                    names.add(name)
-                    length = member.size if member.isfile() else 0
-                    if member.offset_data + length > size:
-                        raise ArchiveError(f"{path} is truncated (inside {name})")
-                    end = max(end, member.offset_data + -(-length // 512) * 512)
-                    if member.isfile() and _keep(name, member):
-                        files[name] = tar.extractfile(member).read()
-                    if progress:
-                        progress("check", member.offset_data + length)
-            f.seek(end)
-            if f.read(1024) != b"\0" * 1024:
-                raise ArchiveError(f"{path} is truncated (it lacks the end-of-archive blocks after {name})")
-    except ArchiveError:
-        raise
-    except (tarfile.TarError, EOFError, OSError, ValueError) as e:
-        raise ArchiveError(f"{path} is corrupt or truncated (tar): {e}") from e
-    return files, names, size
-
-
-def scan_archive(path, fmt, progress=None):
-    """Read the archive once; return its small JSON files {name: bytes}, its member names and tar size."""
-    if fmt == "tar":
-        return _scan_plain_tar(path, progress)
-    stream = open_tar_stream(path, fmt)
-    counter = _Counter(stream, progress)
-    files, names = {}, set()
-    try:
-        try:
-            with tarfile.open(fileobj=counter, mode="r|") as tar:
-                for member in tar:
-                    name = member.name[2:] if member.name.startswith("./") else member.name
-                    names.add(name)
-                    if member.isfile():
-                        data = _read_member(tar, member, name, path)
-                        if data is not None:
-                            files[name] = data
-                # Drain the end-of-archive blocks and the stream, so that the decompressor checks its trailer.
-                while counter.read(CHUNK):
-                    pass
-        finally:
-            stream.close()
-    except ArchiveError:
-        raise
-    except (tarfile.TarError, EOFError, OSError, ValueError) as e:
-        raise ArchiveError(f"{path} is corrupt or truncated ({fmt}): {e}") from e
-    return files, names, counter.count
-
-
-def inspect_archive(path, fmt, progress=None):
-    """Check the archive and return (layout, image ids, repo tags, tar bytes)."""
-    files, names, tar_bytes = scan_archive(path, fmt, progress)
-    try:
-        manifest = json.loads(files["manifest.json"]) if "manifest.json" in files else None
-        index = json.loads(files["index.json"]) if "index.json" in files else None
-    except ValueError as e:
-        raise ArchiveError(f"{path} has a manifest that is not JSON: {e}") from e
-    blobs = {"sha256:" + name.rsplit("/", 1)[-1]: data for name, data in files.items() if name.startswith("blobs/")}
-    oci = index is not None or "oci-layout" in names
-    if isinstance(manifest, list):
-        ids, tags = _image_ids_from_legacy(manifest)
-    elif index is not None:
-        ids, tags = _image_ids_from_oci(index, blobs)
-    else:
-        raise ArchiveError(
-            f"{path} is a tar archive, but not one docker save wrote: it has neither manifest.json nor index.json."
-        )
-    if not ids:
-        raise ArchiveError(f"{path} holds no image (its manifest is empty).")
-    missing = sorted(set(_named_files(manifest, index, blobs)) - names)
-    if missing:
-        raise ArchiveError(f"{path} is incomplete: its manifest names {', '.join(missing[:3])}, not in the archive.")
-    return ("oci" if oci else "legacy"), ids, tags, tar_bytes
-
-
-def _named_files(manifest, index, blobs):
-    """The files of the archive that its manifest names: configs and layers (legacy), or the layers' blobs (OCI)."""
-    if isinstance(manifest, list):
-        for entry in manifest:
-            yield entry.get("Config", "")
-            yield from entry.get("Layers") or []
-        return
-    for data in blobs.values():
-        try:
-            doc = json.loads(data)
-        except ValueError:
-            continue
-        if isinstance(doc, dict) and isinstance(doc.get("layers"), list) and "config" in doc:
-            for layer in doc["layers"]:
-                yield "blobs/sha256/" + str(layer.get("digest", "")).split(":")[-1]
-
-
-# ---- the Docker engine (module_utils/gpulab_docker_api.py) -------------------------------------------------------
-
-
-def socket_path(docker_host):
-    try:
-        return api.socket_path(docker_host)
-    except api.DockerApiError as e:
-        raise ArchiveError(str(e)) from e
-
-
-def engine_has_image(sock, image_id, timeout=60):
-    try:
-        return api.Engine("unix://" + sock, timeout).has_image(image_id)
-    except api.DockerApiError as e:
-        raise ArchiveError(str(e)) from e
-
-
-def load_stream(sock, stream, timeout=None, progress=None):
-    """Stream the plain tar into /images/load in chunks; return the engine's messages. Raise ArchiveError on error."""
-
-    def sent(n, finished):
-        if progress:  # once every byte is sent, the engine unpacks the layers until it answers
-            progress("unpacking" if finished else "load", n, force=finished)
-
-    try:
-        messages, count = api.Engine("unix://" + sock, timeout).load(stream, sent)
-    except api.DockerApiError as e:
-        raise ArchiveError(str(e)) from e
-    return messages, count
-
-
-class Progress:
-    """Writes {phase, bytes_done, bytes_total, seconds} to a file, at most once a second."""
-
-    def __init__(self, path, total):
-        self.file = api.ProgressFile(path)
-        self.total = total
-
-    def __call__(self, phase, done, force=False):
-        self.file.write(phase, force=force, bytes_done=done, bytes_total=self.total)
+from ansible_collections.gpulab.lab.plugins.module_utils.backup.common import BackupError, Progress
+from ansible_collections.gpulab.lab.plugins.module_utils.backup.docker_save import (
+    ArchiveError,
+    inspect_archive,
+    open_tar_stream,
+    sniff_format,
+    suffix_format,
+)
+from ansible_collections.gpulab.lab.plugins.module_utils.backup.files import file_sha256
 
 
 class Cache:
@@ -516,11 +196,11 @@ def check_archive(p, result):
     known = cache.read()
     # Until the tar's size is known, the total is the file's size: right for the checksum and a plain tar's check;
     # the check of a compressed archive counts uncompressed bytes, of a total not known yet (0).
-    progress = Progress(p["progress_file"], os.path.getsize(path))
+    progress = Progress(p["progress_file"], bytes_total=os.path.getsize(path))
     if p["sha256"]:
         want = p["sha256"].strip().lower()
         want = want[len("sha256:") :] if want.startswith("sha256:") else want
-        got = known.get("sha256") or file_sha256(path, progress)
+        got = known.get("sha256") or file_sha256(path, progress)[len("sha256:") :]
         if got != want:
             raise ArchiveError(
                 f"{path} has SHA-256 {got}, not the expected {want}: the file is damaged or not the one meant. "
@@ -531,12 +211,12 @@ def check_archive(p, result):
         result.update({k: known[k] for k in ("layout", "image_ids", "repo_tags", "tar_bytes")}, cached=True)
     else:
         if fmt != "tar":
-            progress.total = 0
+            progress.figures["bytes_total"] = 0
         layout, ids, tags, tar_bytes = inspect_archive(path, fmt, progress)
         result.update(layout=layout, image_ids=ids, repo_tags=tags, tar_bytes=tar_bytes)
     keep = ("format", "layout", "image_ids", "repo_tags", "tar_bytes", "sha256")
     cache.write({k: result[k] for k in keep if k in result})
-    progress.total = result["tar_bytes"]
+    progress.figures["bytes_total"] = result["tar_bytes"]
     return progress
 
 
@@ -549,8 +229,8 @@ def run_module(module):
     if p["inspect_only"]:
         return result
 
-    sock = socket_path(p["docker_host"])
-    missing = [i for i in dict.fromkeys(ids) if not engine_has_image(sock, i)]
+    engine = api.Engine(p["docker_host"], p["timeout"] or None)
+    missing = [i for i in dict.fromkeys(ids) if not engine.has_image(i)]
     result["missing_ids"] = missing
     if not missing:
         return result
@@ -558,17 +238,20 @@ def run_module(module):
     if module.check_mode:
         return result
 
+    def sent(count, finished):  # once every byte is sent, the engine unpacks the layers until it answers
+        progress("unpacking" if finished else "load", count, force=finished)
+
     started = time.monotonic()
     stream = open_tar_stream(path, fmt)
     try:
-        messages, _ = load_stream(sock, stream, p["timeout"] or None, progress)
+        messages, _ = engine.load(stream, sent)
     finally:
         stream.close()
     result["seconds"] = round(time.monotonic() - started, 1)
     progress("done", tar_bytes, force=True)
-    progress.file.remove()
+    progress.remove()
     result["messages"] = messages
-    still = [i for i in missing if not engine_has_image(sock, i)]
+    still = [i for i in missing if not engine.has_image(i)]
     if still:
         raise ArchiveError(f"the engine accepted {path} but still lacks image(s) {', '.join(still)}")
     return result
@@ -589,7 +272,7 @@ def main():
     )
     try:
         result = run_module(module)
-    except ArchiveError as e:
+    except (BackupError, api.DockerApiError) as e:  # an ArchiveError, zstd's, or the engine's
         module.fail_json(msg=str(e), path=module.params["path"])
     except Exception as e:
         module.fail_json(msg=f"Unexpected error with {module.params['path']}: {e}", exception=traceback.format_exc())

@@ -1,0 +1,368 @@
+# Copyright (c) gpulab developers
+# SPDX-License-Identifier: MIT
+
+"""Restoring one container from the store (RestoreJob): pick and verify the backup, stream a `docker load` tar
+assembled from its blobs into the engine (LoadTar), unpack its bind mounts, create the container again.
+
+Every blob is checked before Docker changes: its size and the sha256 of its stored file before the engine is asked
+for anything, the sha256 of its content before that too (bind-mount archives; every blob with verify=full) or while it
+streams (layers; the tar's last member, without which the engine creates nothing, goes only when all matched).
+Layers the engine already has go as empty placeholders, which `docker load` does not read. Writes nothing to the
+store (it holds the store's lock shared, so that no backup removes blobs meanwhile).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+
+from ansible_collections.gpulab.lab.plugins.module_utils import docker_api as api
+from ansible_collections.gpulab.lab.plugins.module_utils.backup import options
+from ansible_collections.gpulab.lab.plugins.module_utils.backup.common import (
+    CHUNK,
+    RESTORED_LABEL,
+    BackupError,
+    Progress,
+    backup_tag,
+    check_name,
+    sha256_of,
+)
+from ansible_collections.gpulab.lab.plugins.module_utils.backup.mounts import restore_mount
+from ansible_collections.gpulab.lab.plugins.module_utils.backup.settings import BUILTIN_NETWORKS, env_name
+from ansible_collections.gpulab.lab.plugins.module_utils.backup.store import Store
+from ansible_collections.gpulab.lab.plugins.module_utils.backup.streams import (
+    ZERO_BLOCK,
+    BlobReader,
+    padding,
+    tar_header,
+    tar_member,
+)
+from ansible_collections.gpulab.lab.plugins.module_utils.backup.verify import verify_backup
+
+
+class _EngineRefused(BackupError):
+    """The engine refused the image we streamed (not a problem of the backup itself)."""
+
+
+class LoadTar:
+    """A `docker load` tar (legacy layout) assembled on the fly from a backup's blobs, read in chunks.
+
+    The first `skip` layers, which the engine already has (their chain), go as empty files: docker load looks a layer
+    up by its chain before it reads the file. With check_content, the sha256 of each layer is computed as it streams;
+    a layer of another digest or size (or a zstd error) breaks the stream off before its last member, manifest.json,
+    without which the engine creates nothing: the engine discards what it received, and keeps no image."""
+
+    def __init__(self, store, config_bytes, layers, repo_tag, *, skip=0, progress=None, check_content=True):
+        self.store = store
+        self.config = config_bytes
+        self.layers = layers
+        self.repo_tag = repo_tag
+        self.skip = skip
+        self.progress = progress
+        self.check_content = check_content
+        self.sent = 0
+        self.gen = self._pieces()
+        self.pending = b""
+
+    def _layer(self, layer):
+        reader = BlobReader(self.store.blob_path(b["digest"]) for b in layer["blobs"])
+        digest = hashlib.sha256() if self.check_content else None
+        size = 0
+        try:
+            for chunk in reader.chunks():
+                size += len(chunk)
+                if digest:
+                    digest.update(chunk)
+                yield chunk
+            reader.close()
+        except BaseException:
+            reader.close(check=False)
+            raise
+        if size != layer["size"]:
+            raise BackupError(f"layer {layer['diff_id']} decompresses to {size} bytes, not {layer['size']}")
+        if digest and "sha256:" + digest.hexdigest() != layer["diff_id"]:
+            raise BackupError(
+                f"layer {layer['diff_id']} is corrupt: its blobs decompress to sha256:{digest.hexdigest()}"
+            )
+        yield b"\0" * padding(size)
+
+    def _pieces(self):
+        names = []
+        for i, layer in enumerate(self.layers):
+            name = f"{i + 1:03d}-{layer['diff_id'][7:19]}/layer.tar"
+            names.append(name)
+            if i < self.skip:
+                yield tar_header(name, 0)
+                continue
+            yield tar_header(name, layer["size"])
+            yield from self._layer(layer)
+        config_name = sha256_of(self.config)[7:] + ".json"
+        yield tar_member(config_name, self.config)
+        manifest = [{"Config": config_name, "RepoTags": [self.repo_tag], "Layers": names}]
+        yield tar_member("manifest.json", json.dumps(manifest).encode())
+        yield ZERO_BLOCK * 2
+
+    def read(self, size=CHUNK):
+        while not self.pending:
+            piece = next(self.gen, None)
+            if piece is None:
+                return b""
+            self.pending = piece
+        data, self.pending = self.pending[:size], self.pending[size:]
+        self.sent += len(data)
+        if self.progress:
+            self.progress.update(bytes_sent=self.sent)
+        return data
+
+    def close(self):
+        self.gen.close()
+
+
+class RestoreJob:
+    """Restore one container from the store: verify, load the image, unpack the bind-mount sources, create it again."""
+
+    def __init__(self, **given):
+        """given: container_restore's options by their names (options.RESTORE); the others take their defaults."""
+        p = options.values(options.RESTORE, given)
+        container, backup = p["container"], p["backup"]
+        self.name = check_name(container, "container name")
+        self.backup_id = check_name(backup, "backup id") if backup else None
+        self.store = Store(p["store"])
+        self.force = p["force"]
+        self.restore_workdir = p["restore_workdir"]
+        self.verify_only = p["verify_only"]
+        self.verify = p["verify"]
+        self.env = {str(k): "" if v is None else str(v) for k, v in (p["env"] or {}).items()}
+        self.start = p["start"]
+        self.docker_host = p["docker_host"]
+        self.timeout = p["timeout"] or None
+        self.progress = Progress(p["progress_file"])
+        self.warnings = []
+        self.engine = None
+
+    def run(self, check_mode=False):
+        started = time.monotonic()
+        with self.store.lock(exclusive=False, progress=self.progress):
+            manifest, warnings = self.store.pick(self.name, self.backup_id)
+            self.warnings.extend(warnings)
+            result = self._result(manifest)
+            existing = None
+            if not self.verify_only:
+                self.engine = api.Engine(self.docker_host, self.timeout)
+                existing = self.engine.container(self.name)
+                if existing and not self.force:
+                    result.update(
+                        changed=False,
+                        container_exists=True,
+                        msg=f"container {self.name} exists on the engine and was left alone (force: true replaces it "
+                        f"with backup {manifest['id']})",
+                    )
+                    return result
+                self._check_can_create(manifest)
+            self.progress.set("verify")
+            if check_mode and not self.verify_only:
+                problems = self.store.missing_blobs(manifest)
+                if problems:
+                    raise BackupError(f"backup {manifest['id']} is damaged: " + "; ".join(p[1] for p in problems))
+                result.update(verified="sizes", msg=self._would(manifest, existing))
+                return result
+            full = self.verify == "full" or self.verify_only
+            figures = verify_backup(
+                self.store,
+                manifest,
+                layer_content=full,
+                mount_content=self.verify != "stored" and (self.restore_workdir or self.verify_only),
+                progress=self.progress,
+            )
+            result.update(
+                verified="full" if full else self.verify,
+                verified_blobs=figures.blobs,
+                verified_bytes=figures.stored_bytes,
+                verified_content_bytes=figures.content_bytes,
+            )
+            if self.verify_only:
+                result.update(changed=False, msg=f"backup {manifest['id']} of {self.name} is complete and intact")
+                return result
+            self._restore(manifest, existing, result)
+        result["seconds"] = round(time.monotonic() - started, 2)
+        result["timings"] = self.progress.remove()
+        return result
+
+    def _result(self, manifest):
+        repo, tag = backup_tag(self.name, manifest["id"])
+        return {
+            "changed": True,
+            "container": self.name,
+            "backup_id": manifest["id"],
+            "manifest": self.store.manifest_path(self.name, manifest["id"]),
+            "image": f"{repo}:{tag}",
+            "image_id": manifest["image"]["id"],
+            "verified": None,
+            "verified_blobs": 0,
+            "verified_bytes": 0,
+            "verified_content_bytes": 0,
+            "image_loaded": False,
+            "layers_sent": 0,
+            "layers_present": 0,
+            "bytes_sent": 0,
+            "workdir_restored": [],
+            "replaced_container": False,
+            "container_id": None,
+            "container_started": False,
+            "seconds": 0.0,
+            "warnings": self.warnings,
+        }
+
+    def _would(self, manifest, existing):
+        mounts = [m["source"] for m in manifest.get("mounts") or []] if self.restore_workdir else []
+        return (
+            f"would load backup {manifest['id']} of {self.name} ({len(manifest['layers'])} layers), "
+            + (f"restore {', '.join(mounts)}, " if mounts else "")
+            + ("replace the existing container" if existing else "create the container")
+            + (" and start it" if self._should_start(manifest) else "")
+        )
+
+    def _should_start(self, manifest):
+        return manifest["run_settings"].get("running", False) if self.start is None else bool(self.start)
+
+    def _check_can_create(self, manifest):
+        """What would make the container's creation fail, found before anything changes."""
+        settings = manifest["run_settings"]
+        missing = [n for n in manifest.get("secret_env") or [] if n not in self.env]
+        if missing:
+            raise BackupError(
+                f"backup {manifest['id']} of {self.name} left out the value of {', '.join(missing)} (secrets are not "
+                "stored): give them with env. Nothing was changed."
+            )
+        mode = str(settings["host_config"].get("NetworkMode") or "")
+        if mode.startswith("container:"):
+            raise BackupError(f"{self.name} shared the network of another container ({mode}); gpulab cannot restore it")
+        for network in sorted(set(settings.get("networks") or {}) | ({mode} - {"", *BUILTIN_NETWORKS})):
+            status, _ = self.engine.request("GET", f"/networks/{api.quoted(network)}")
+            if status == 404:
+                raise BackupError(f"{self.name} was on network {network}, which the engine lacks: create it first")
+
+    def _restore(self, manifest, existing, result):
+        self._load_image(manifest, result)
+        if existing:
+            self.progress.set("removing the existing container")
+            self.engine.json("DELETE", api.query(f"/containers/{existing['Id']}", force="1"))
+            result["replaced_container"] = True
+        if self.restore_workdir:
+            for mount in manifest.get("mounts") or []:
+                self.progress.set("restoring bind mounts", mount=mount["source"])
+                result["workdir_restored"].append(restore_mount(self.store, mount))
+        self.progress.set("creating the container")
+        result["container_id"] = self._create(manifest, result["image"])
+        if self._should_start(manifest):
+            self.progress.set("starting the container")
+            try:
+                self.engine.json("POST", f"/containers/{result['container_id']}/start", ok=(204, 304))
+            except api.DockerApiError as e:
+                raise BackupError(
+                    f"{self.name} was restored from backup {manifest['id']} and created, but does not start: {e}"
+                ) from e
+            result["container_started"] = True
+        result["msg"] = (
+            f"restored {self.name} from backup {manifest['id']}"
+            + (" (replacing the existing container)" if existing else "")
+            + (", started" if result["container_started"] else "")
+        )
+
+    def _present_prefix(self, diff_ids):
+        """How many of the first layers the engine already has, as the start of some image's layers."""
+        best = 0
+        for image in self.engine.json("GET", "/images/json") or []:
+            layers = ((self.engine.image(image["Id"]) or {}).get("RootFS") or {}).get("Layers") or []
+            common = 0
+            for mine, theirs in zip(diff_ids, layers):
+                if mine != theirs:
+                    break
+                common += 1
+            best = max(best, common)
+            if best == len(diff_ids):
+                break
+        return best
+
+    def _send(self, manifest, config_bytes, skip, repo_tag, result):
+        self.progress.set("load", layers_present=skip)
+        check = self.verify == "content"  # (full: checked before; stored: zstd's and the engine's checks only)
+        stream = LoadTar(
+            self.store,
+            config_bytes,
+            manifest["layers"],
+            repo_tag,
+            skip=skip,
+            progress=self.progress,
+            check_content=check,
+        )
+
+        def sent(_count, finished):
+            if finished:  # the engine has the whole tar, and unpacks its layers until it answers
+                self.progress.set("load: the engine unpacks the layers")
+
+        try:
+            self.engine.load(stream, sent)
+        except api.DockerApiError as e:
+            raise _EngineRefused(str(e)) from e
+        finally:
+            stream.close()
+        result["verified_content_bytes"] += sum(x["size"] for x in manifest["layers"][skip:]) if check else 0
+        result.update(
+            image_loaded=True,
+            layers_present=skip,
+            layers_sent=len(manifest["layers"]) - skip,
+            bytes_sent=stream.sent,
+        )
+
+    def _load_image(self, manifest, result):
+        repo, tag = backup_tag(self.name, manifest["id"])
+        config_bytes = manifest["image"]["config"].encode("utf-8")
+        image_id = sha256_of(config_bytes)
+        if self.engine.image(image_id):
+            path = api.query(f"/images/{api.quoted(image_id)}/tag", repo=repo, tag=tag)
+            self.engine.json("POST", path)
+            result["layers_present"] = len(manifest["layers"])
+            return
+        self.progress.set("finding the layers the engine has")
+        skip = self._present_prefix([layer["diff_id"] for layer in manifest["layers"]])
+        try:
+            self._send(manifest, config_bytes, skip, f"{repo}:{tag}", result)
+        except _EngineRefused as e:
+            if not skip:
+                raise
+            self.warnings.append(f"loading with the engine's own {skip} first layers failed ({e}); sent them all")
+            self._send(manifest, config_bytes, 0, f"{repo}:{tag}", result)
+        loaded = self.engine.image(f"{repo}:{tag}")
+        if not loaded or loaded["Id"] != image_id:
+            raise BackupError(
+                f"the engine loaded the image of backup {manifest['id']} but {repo}:{tag} is not {image_id}"
+            )
+
+    def _create(self, manifest, image):
+        settings = manifest["run_settings"]
+        body = dict(settings["config"])
+        body["Image"] = image
+        env = list(body.get("Env") or [])
+        for key, value in sorted(self.env.items()):
+            env = [e for e in env if env_name(e) != key] + [f"{key}={value}"]
+        body["Env"] = env
+        body["Labels"] = {**(body.get("Labels") or {}), RESTORED_LABEL: manifest["id"]}
+        host_config = dict(settings["host_config"])
+        body["HostConfig"] = host_config
+        networks = dict(settings.get("networks") or {})
+        first = host_config.get("NetworkMode") if host_config.get("NetworkMode") in networks else None
+        if networks:
+            first = first or sorted(networks)[0]
+            body["NetworkingConfig"] = {"EndpointsConfig": {first: networks[first]}}
+        created = self.engine.json("POST", api.query("/containers/create", name=settings["name"]), body)
+        for network in sorted(set(networks) - {first}):
+            self.engine.json(
+                "POST",
+                f"/networks/{api.quoted(network)}/connect",
+                {"Container": created["Id"], "EndpointConfig": networks[network]},
+            )
+        for warning in created.get("Warnings") or []:
+            self.warnings.append(f"the engine: {warning}")
+        return created["Id"]

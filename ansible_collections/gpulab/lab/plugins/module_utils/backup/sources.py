@@ -1,0 +1,391 @@
+# Copyright (c) gpulab developers
+# SPDX-License-Identifier: MIT
+
+"""The readers of a container's file system into the store, one per path a backup can take; each returns the same
+typed result, a ContainerRead (the image config, the layer entries, the figures):
+
+  - read_upper, the fast path (overlay-upperdir): the writable layer read straight from the container's overlay2
+    upper directory (paused only while it is read) as content-defined chunks; the image's own layers come from the
+    store, or are saved into it first (no commit, no pause);
+  - commit_and_save, the fallback (commit-save): the container committed (paused while Docker commits) and the
+    committed image read from `docker save`, each layer the store lacks written as one blob;
+  - export_flat (export-flatten): the container's whole file system exported as one layer, for an image near
+    Docker's layer limit.
+Also here: why the fast path cannot be taken (fast_path_refusal), and the pause with its marker in the store's tmp/.
+Writes blobs only, never a manifest, and never decides which path a backup takes (backup.py does).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+from dataclasses import dataclass, field, replace
+
+from ansible_collections.gpulab.lab.plugins.module_utils import docker_api as api
+from ansible_collections.gpulab.lab.plugins.module_utils.backup import overlay
+from ansible_collections.gpulab.lab.plugins.module_utils.backup.blobs import BlobWriter, ChunkedLayerWriter
+from ansible_collections.gpulab.lab.plugins.module_utils.backup.common import CHUNK, Progress, now_utc, sha256_of
+from ansible_collections.gpulab.lab.plugins.module_utils.backup.files import fsync_dir
+from ansible_collections.gpulab.lab.plugins.module_utils.backup.ingest import GuessedWrong, SaveIngest
+from ansible_collections.gpulab.lab.plugins.module_utils.backup.settings import CONFIG_KEYS
+
+
+class NoFastPath(Exception):
+    """Why a container's writable layer cannot be read from its upper directory."""
+
+
+@dataclass
+class Container:
+    """The container a backup reads, as inspected, and how: its engine, pause, zstd level, progress and notices."""
+
+    name: str
+    engine: api.Engine
+    info: dict
+    image_info: dict
+    settings: dict  # run_settings(): the container's config without secret values
+    pause: bool
+    level: int
+    progress: Progress
+    timeout: int | None = None
+    notices: list = field(default_factory=list)  # what the user should know, in the order it happened
+
+    @property
+    def base_layers(self):
+        return list((self.image_info.get("RootFS") or {}).get("Layers") or [])
+
+    @property
+    def layer_count(self):
+        return len(self.base_layers) + 1
+
+
+@dataclass
+class ContainerRead:
+    """What a reader stored: the image config and layer entries (manifest entries, with "new"), and its figures.
+    unreadable: why the fast path gave up (config and layers are then None, the figures those of what it did)."""
+
+    config: bytes | None
+    layers: list | None
+    committed_id: str | None = None
+    bytes_read: int = 0
+    bytes_written: int = 0
+    bytes_discarded: int = 0
+    base_image_stored: bool = False
+    chunks_new: int = 0
+    chunks_reused: int = 0
+    paused_seconds: float = 0.0
+    unreadable: str | None = None
+
+    def then(self, other):
+        """This read's figures added to those of the read that took over from it (other's config and layers)."""
+        return replace(
+            other,
+            bytes_read=self.bytes_read + other.bytes_read,
+            bytes_written=self.bytes_written + other.bytes_written,
+            bytes_discarded=self.bytes_discarded + other.bytes_discarded,
+            base_image_stored=self.base_image_stored or other.base_image_stored,
+        )
+
+
+# ---- why not the fast path -----------------------------------------------------------------------------------------
+
+
+def fast_path_refusal(engine, info, *, archive_format, fast_path):
+    """(upper directory, raw config of the container's image, None) when the writable layer can be read directly;
+    else (None, None, why not). Whether the image's layers are in the store is settled later."""
+    try:
+        return (*_fast_path_parts(engine, info, archive_format, fast_path), None)
+    except NoFastPath as e:
+        return None, None, str(e)
+
+
+def _fast_path_parts(engine, info, archive_format, fast_path):
+    if archive_format:
+        raise NoFastPath("format docker-archive writes one docker load-able tar from docker save")
+    if not fast_path:
+        raise NoFastPath("fast_path is off")
+    driver = info.get("GraphDriver") or {}
+    if driver.get("Name") != "overlay2":
+        raise NoFastPath(
+            f"the container's storage driver is {driver.get('Name') or 'not reported'}, not overlay2 (Docker's "
+            "containerd image store, or another driver)"
+        )
+    upper = (driver.get("Data") or {}).get("UpperDir")
+    if not upper:
+        raise NoFastPath("the engine does not report the container's UpperDir")
+    if os.geteuid() != 0:
+        raise NoFastPath("not running as root: the container's writable layer is root's to read")
+    if not os.path.isdir(upper):
+        raise NoFastPath(
+            f"the container's UpperDir {upper} is not on this machine (an engine on another host, or in a VM)"
+        )
+    root = engine.json("GET", "/info").get("DockerRootDir") or "/var/lib/docker"
+    image_id = info.get("Image") or ""
+    path = os.path.join(root, "image", "overlay2", "imagedb", "content", "sha256", image_id.split(":", 1)[-1])
+    try:
+        with open(path, "rb") as f:
+            config = f.read()
+    except OSError as e:
+        raise NoFastPath(f"the config of the container's image cannot be read from the engine's store ({e})") from e
+    if sha256_of(config) != image_id:
+        raise NoFastPath(f"{path} does not hold the config of image {image_id}")
+    return upper, config
+
+
+# ---- the pause -----------------------------------------------------------------------------------------------------
+
+
+def pause_marker(store, container_id):
+    return os.path.join(store.tmp, f"paused-{container_id}")
+
+
+def unpause_after_a_killed_run(c, store):
+    """A backup killed while it held a container paused (SIGKILL: no cleanup) left a marker paused-<id> in tmp/:
+    that container is still frozen. Thaw every such container, this one or another (the marker proves gpulab froze
+    it, not its user), before clean_tmp removes the markers; then read this container's state again, as it was
+    inspected before the lock was taken."""
+    for name in sorted(os.listdir(store.tmp)) if os.path.isdir(store.tmp) else []:
+        if not name.startswith("paused-"):
+            continue
+        info = c.engine.container(name[len("paused-") :])
+        if info and (info.get("State") or {}).get("Paused"):
+            c.engine.json("POST", f"/containers/{info['Id']}/unpause")
+            c.notices.append(f"{info['Name'].lstrip('/')} was left paused by a backup that was killed: it was unpaused")
+    fresh = c.engine.container(c.info["Id"])
+    if fresh:
+        c.info["State"] = fresh.get("State") or {}
+
+
+class Paused:
+    """The container paused for a with block, when it runs, its user has not paused it and pause is on. With a store,
+    a marker in tmp/ (fsynced before the pause) lets the next backup thaw it should this process be killed meanwhile.
+    seconds: how long it was paused."""
+
+    def __init__(self, c, store=None):
+        self.c = c
+        self.store = store
+        self.seconds = 0.0
+        self._marker = None
+        self._started = None
+
+    def __enter__(self):
+        state = self.c.info.get("State") or {}
+        if not (self.c.pause and state.get("Running") and not state.get("Paused")):
+            return self
+        if self.store:
+            self._marker = pause_marker(self.store, self.c.info["Id"])
+            with open(self._marker, "wb") as f:  # empty; fsynced: it must outlive a SIGKILL
+                os.fsync(f.fileno())
+            fsync_dir(self.store.tmp)
+        self.c.engine.json("POST", f"/containers/{self.c.info['Id']}/pause")
+        self._started = time.monotonic()
+        return self
+
+    def __exit__(self, *exc):
+        if self._started is None:
+            return False
+        self.c.engine.json("POST", f"/containers/{self.c.info['Id']}/unpause")
+        self.seconds = round(time.monotonic() - self._started, 2)
+        if self._marker:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._marker)
+        return False
+
+
+# ---- the fast path: the writable layer read from the overlay2 upper directory --------------------------------------
+
+
+def read_upper(c, store, index, backup_id, *, upper, base_config):
+    """The container's image plus its writable layer read from the upper directory. When the upper directory cannot
+    be read as a layer, the result says why (unreadable) and has the figures of what was done. The image's layers are
+    saved into the store first when it lacks some (no pause, no commit)."""
+    known, stored = index
+    base_read = None
+    if any(d not in stored for d in c.base_layers):
+        c.progress.set("save: the container's image, into the store")
+        base_read = save_image(c, store, index, c.info["Image"], None)
+        base_config, base = base_read.config, base_read.layers
+    else:
+        base = [dict(stored[d], new=False) for d in c.base_layers]
+    c.progress.set("reading the writable layer", upper=upper)
+    writer = ChunkedLayerWriter(store, known, c.level, c.progress)
+    unreadable = None
+    pause = Paused(c, store)
+    try:
+        with pause:
+            try:  # only what reading the upper directory raises: the store's own errors are errors
+                stats = overlay.write_layer(
+                    upper, writer, progress=lambda st: c.progress.update(bytes_read=st["bytes"])
+                )
+            except (overlay.UnsupportedOverlay, OSError) as e:
+                unreadable = e
+        if unreadable is None:
+            c.progress.set("compressing the new chunks", bytes_written=writer.written, chunks_new=writer.chunks_new)
+            blobs, written = writer.finish()
+    except BaseException:
+        writer.abort()
+        raise
+    done = replace(base_read, base_image_stored=True) if base_read else ContainerRead(None, None)
+    if unreadable is not None:
+        writer.abort()
+        reason = f"the writable layer could not be read as a layer: {unreadable}"
+        c.notices.append(f"{c.name}: {reason}; the backup commits and saves the container instead")
+        return replace(done, config=None, layers=None, committed_id=None, unreadable=reason)
+    layer = {"diff_id": stats["diff_id"], "size": stats["tar_bytes"], "blobs": blobs, "new": bool(written)}
+    return replace(
+        done,
+        config=upper_config(c, base_config, stats["diff_id"], backup_id),
+        layers=[*base, layer],
+        committed_id=None,
+        bytes_read=done.bytes_read + stats["tar_bytes"],
+        bytes_written=done.bytes_written + written,
+        chunks_new=writer.chunks_new,
+        chunks_reused=writer.chunks_reused,
+        paused_seconds=pause.seconds,
+    )
+
+
+def _committed_config(c):
+    """The container's config as `docker commit` puts it into the image, without the secret values."""
+    config = {k: v for k, v in (c.info.get("Config") or {}).items() if k in (*CONFIG_KEYS, "Image")}
+    config["Env"] = c.settings["config"]["Env"]
+    return config
+
+
+def upper_config(c, base_config, diff_id, backup_id):
+    """The image config `docker commit` would write: the container's image's, with the container's config, one
+    more layer and one more history entry."""
+    image = json.loads(base_config)
+    now = now_utc()
+    for key in ("container", "container_config", "id", "parent"):
+        image.pop(key, None)
+    image.update(created=now, config=_committed_config(c))
+    image["rootfs"] = {"type": "layers", "diff_ids": [*c.base_layers, diff_id]}
+    image["history"] = [
+        *(image.get("history") or []),
+        {
+            "created": now,
+            "created_by": f"gpulab container_backup: the writable layer of {c.name}",
+            "comment": f"gpulab backup {backup_id} of {c.name}",
+        },
+    ]
+    return json.dumps(image, separators=(",", ":")).encode()
+
+
+# ---- the fallback: commit + save -----------------------------------------------------------------------------------
+
+
+def commit(c, backup_id, repo=None, tag=None):
+    c.progress.set("commit")
+    path = api.query(
+        "/commit",
+        container=c.info["Id"],
+        pause="1" if c.pause else "0",
+        comment=f"gpulab backup {backup_id} of {c.name}",
+        author="gpulab container_backup",
+        repo=repo,
+        tag=tag,
+    )
+    return c.engine.json("POST", path, timeout=c.timeout)["Id"]
+
+
+def remove_image(c, ref):
+    status, body = c.engine.request("DELETE", api.query(f"/images/{api.quoted(ref)}", noprune="1"))
+    if status not in (200, 404):
+        c.notices.append(f"the committed image {ref} could not be removed: {api.error_of(body)}")
+
+
+def commit_and_save(c, store, index, backup_id, while_exporting):
+    """Commit the container and store the committed image's layers; the committed image is removed again."""
+    image_id = commit(c, backup_id)
+    try:
+        return replace(save_image(c, store, index, image_id, while_exporting), committed_id=image_id)
+    finally:
+        remove_image(c, image_id)
+
+
+def save_image(c, store, index, image_id, while_exporting):
+    """Store the layers of an image from GET /images/<id>/get. while_exporting() runs once the engine has started
+    (it writes the whole image to a folder of its own before it answers)."""
+    expected = (c.engine.image(image_id) or {}).get("RootFS", {}).get("Layers")
+    guess = True
+    read = ContainerRead(None, None)
+    while True:
+        pending = c.engine.start_get(f"/images/{api.quoted(image_id)}/get")
+        if while_exporting:
+            while_exporting()
+            while_exporting = None
+        c.progress.set("save: the engine exports the image")
+        resp = pending.response()
+        c.progress.set("save")
+        ingest = SaveIngest(
+            store, index[0], stored=index[1], expected=expected, level=c.level, guess_by_size=guess, progress=c.progress
+        )
+        try:
+            saved = ingest.read(resp)
+        except GuessedWrong as e:
+            c.notices.append(f"{e} was not the layer its size suggested: the image was read again")
+            guess = False
+            continue
+        finally:
+            resp.close()
+            read = replace(
+                read,
+                bytes_read=read.bytes_read + (ingest.reader.bytes_read if ingest.reader else 0),
+                bytes_written=read.bytes_written + ingest.bytes_written,
+                bytes_discarded=read.bytes_discarded + ingest.bytes_discarded,
+            )
+        return replace(read, config=saved.config, layers=saved.layers)
+
+
+# ---- flattening: the container's whole file system as one layer ----------------------------------------------------
+
+
+def export_stream(c, consume, store=None):
+    """GET /containers/<id>/export (the container's whole file system), paused while it is read (with a marker in
+    the store's tmp/ when there is a store); returns consume(response)."""
+    with Paused(c, store):
+        resp = c.engine.get_stream(f"/containers/{c.info['Id']}/export")
+        try:
+            return consume(resp)
+        finally:
+            resp.close()
+
+
+def flat_config(c, diff_id):
+    now = now_utc()
+    return json.dumps(
+        {
+            "architecture": c.image_info.get("Architecture") or "amd64",
+            "os": c.image_info.get("Os") or "linux",
+            "created": now,
+            "config": _committed_config(c),
+            "rootfs": {"type": "layers", "diff_ids": [diff_id]},
+            "history": [
+                {
+                    "created": now,
+                    "created_by": f"gpulab container_backup: {c.name} flattened from {c.layer_count} layers",
+                }
+            ],
+        },
+        separators=(",", ":"),
+    ).encode()
+
+
+def export_flat(c, store, known, while_exporting):
+    """The container's file system exported as one layer blob, with a config of its own."""
+    while_exporting()
+    c.progress.set("export (flatten)")
+
+    def consume(resp):
+        with BlobWriter(store, c.level) as writer:
+            for block in iter(lambda: resp.read(CHUNK), b""):
+                writer.write(block)
+                c.progress.update(bytes_read=writer.size, bytes_written=writer.stored_size)
+            blob = writer.finish()
+            kept, written = store.keep(writer, blob, known)
+        layer = {"diff_id": blob["digest"], "size": blob["size"], "blobs": [kept], "new": bool(written)}
+        return ContainerRead(flat_config(c, layer["diff_id"]), [layer], bytes_read=blob["size"], bytes_written=written)
+
+    return export_stream(c, consume, store)

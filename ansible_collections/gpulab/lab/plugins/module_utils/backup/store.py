@@ -1,0 +1,345 @@
+# Copyright (c) gpulab developers
+# SPDX-License-Identifier: MIT
+
+"""The content-addressed backup store in a folder of the server: its layout, its lock, blob paths and indexes,
+manifests (read, written atomically, picked for a restore) and retention.
+
+The store (for example /var/backups/gpulab), root's only (mode 0700):
+  blobs/sha256/<hex>                 a blob: zstd-compressed, named by the sha256 of its uncompressed content
+  backups/<container>/<id>.json      a backup's manifest, written last: a backup without one does not exist
+  tmp/                               temporary files while a blob or manifest is written; removed by the next run
+  lock                               flock: one backup at a time (exclusive), restores share it
+Every blob and manifest is written to tmp/, fsynced, renamed into place and its folder fsynced, so a killed backup
+leaves at worst files in tmp/ and blobs no manifest references, both removed by the next backup.
+
+Manifests and their blob, layer and mount entries are JSON documents (the store's format) and stay dicts here.
+Compresses nothing (blobs.py writes blobs) and never talks to Docker.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import shutil
+import tempfile
+from typing import NamedTuple
+
+from ansible_collections.gpulab.lab.plugins.module_utils.backup.common import (
+    DIGEST_RE,
+    FORMAT,
+    FORMAT_VERSION,
+    NAME_RE,
+    BackupError,
+    check_name,
+)
+from ansible_collections.gpulab.lab.plugins.module_utils.backup.files import fsync_dir
+
+
+class Retention(NamedTuple):
+    """What retention removed: backup ids, blob digests, bytes freed, and warnings."""
+
+    removed: list
+    blobs: list
+    freed: int
+    warnings: list
+
+
+class Picked(NamedTuple):
+    """The manifest a restore takes, and warnings about newer backups that are incomplete."""
+
+    manifest: dict
+    warnings: list
+
+
+class Store:
+    """The content-addressed backup store in a folder of the server."""
+
+    def __init__(self, path, create=False):
+        if not isinstance(path, str) or not os.path.isabs(path):
+            raise BackupError(f"the backup store must be an absolute path on the server, not {path!r}")
+        self.path = os.path.normpath(path)
+        if os.path.lexists(self.path) and not os.path.isdir(self.path):
+            raise BackupError(f"the backup store {self.path} exists and is not a directory")
+        if not os.path.isdir(self.path) and not create:
+            raise BackupError(f"the backup store {self.path} does not exist: there is no backup to restore")
+        self.blobs = os.path.join(self.path, "blobs", "sha256")
+        self.backups = os.path.join(self.path, "backups")
+        self.tmp = os.path.join(self.path, "tmp")
+        self.lock_file = os.path.join(self.path, "lock")
+
+    def create(self):
+        for folder in (self.path, os.path.dirname(self.blobs), self.blobs, self.backups, self.tmp):
+            if not os.path.isdir(folder):
+                os.makedirs(folder, mode=0o700, exist_ok=True)
+                fsync_dir(os.path.dirname(folder))
+
+    @contextlib.contextmanager
+    def lock(self, exclusive=True, progress=None):
+        """flock on <store>/lock: a backup holds it alone, restores share it. Waits (saying so) while it is taken."""
+        mode = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
+        try:
+            if exclusive or not os.path.exists(self.lock_file):
+                os.makedirs(self.path, mode=0o700, exist_ok=True)
+                fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT, 0o600)
+            else:
+                fd = os.open(self.lock_file, os.O_RDONLY)
+        except OSError as e:
+            if exclusive:
+                raise BackupError(f"the backup store {self.path} cannot be locked for writing: {e}") from e
+            yield  # a read-only copy of a store (no backup can write to it): nothing to share the lock with
+            return
+        try:
+            try:
+                fcntl.flock(fd, mode | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if progress:
+                    progress.set("waiting for the store's lock (another backup or restore runs)")
+                fcntl.flock(fd, mode)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
+
+    def clean_tmp(self):
+        """Remove what a killed run left in tmp/ (call with the exclusive lock held); returns the names removed."""
+        removed = []
+        if not os.path.isdir(self.tmp):
+            return removed
+        for name in sorted(os.listdir(self.tmp)):
+            path = os.path.join(self.tmp, name)
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+            removed.append(name)
+        return removed
+
+    def blob_path(self, digest):
+        if not isinstance(digest, str) or not DIGEST_RE.match(digest):
+            raise BackupError(f"{digest!r} is not a sha256 digest")
+        return os.path.join(self.blobs, digest[len("sha256:") :])
+
+    def blob_size(self, digest):
+        """Size on disk of a blob, or None when it is missing."""
+        try:
+            return os.stat(self.blob_path(digest)).st_size
+        except FileNotFoundError:
+            return None
+
+    def tmp_file(self, prefix):
+        fd, path = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=self.tmp)
+        return fd, path
+
+    def commit_file(self, tmp_path, final_path):
+        """Rename a complete, fsynced temporary file into place and make the rename durable."""
+        os.rename(tmp_path, final_path)
+        fsync_dir(os.path.dirname(final_path))
+
+    def keep(self, writer, blob, known):
+        """Commit a blob just written (BlobWriter.finish() gave blob) unless the store has that content already;
+        known: the blob index (Store.blob_index()), updated. Returns (the blob entry to reference, bytes written).
+        A file of that name no manifest describes (left by a killed run) or of another size (damaged) is replaced;
+        one that manifests describe is never replaced, as their stored checksums are those of its bytes."""
+        digest = blob["digest"]
+        if digest in known:
+            return dict(known[digest]), 0
+        writer.commit(digest)
+        known[digest] = dict(blob)
+        return dict(blob), blob["stored_size"]
+
+    # manifests
+
+    def manifest_path(self, container, backup_id):
+        return os.path.join(
+            self.backups, check_name(container, "container name"), check_name(backup_id, "backup id") + ".json"
+        )
+
+    def containers(self):
+        if not os.path.isdir(self.backups):
+            return []
+        return sorted(
+            n for n in os.listdir(self.backups) if NAME_RE.match(n) and os.path.isdir(os.path.join(self.backups, n))
+        )
+
+    def backup_ids(self, container):
+        folder = os.path.join(self.backups, check_name(container, "container name"))
+        if not os.path.isdir(folder):
+            return []
+        ids = [n[: -len(".json")] for n in os.listdir(folder) if n.endswith(".json")]
+        return sorted(i for i in ids if NAME_RE.match(i))
+
+    def read_manifest(self, container, backup_id):
+        path = self.manifest_path(container, backup_id)
+        try:
+            with open(path, encoding="utf-8") as f:
+                manifest = json.load(f)
+        except FileNotFoundError:
+            raise BackupError(f"the store {self.path} has no backup {backup_id} of container {container}") from None
+        except (OSError, ValueError) as e:
+            raise BackupError(f"the manifest {path} cannot be read: {e}") from e
+        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+            raise BackupError(f"{path} is not a gpulab backup manifest")
+        if manifest.get("version", 0) > FORMAT_VERSION:
+            raise BackupError(f"{path} was written by a newer gpulab (manifest version {manifest['version']})")
+        return manifest
+
+    def backups_of(self, container):
+        """The manifests of a container, oldest first (by creation time, then id)."""
+        manifests = [self.read_manifest(container, i) for i in self.backup_ids(container)]
+        return sorted(manifests, key=lambda m: (m.get("created", 0), m["id"]))
+
+    def write_manifest(self, manifest):
+        """Write a manifest atomically (the last step of a backup); returns its path and size."""
+        folder = os.path.join(self.backups, check_name(manifest["container"], "container name"))
+        if not os.path.isdir(folder):
+            os.makedirs(folder, mode=0o700, exist_ok=True)
+            fsync_dir(self.backups)
+        data = json.dumps(manifest, indent=1, sort_keys=True).encode() + b"\n"
+        fd, tmp = self.tmp_file("manifest-")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            final = self.manifest_path(manifest["container"], manifest["id"])
+            self.commit_file(tmp, final)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        return final, len(data)
+
+    def missing_blobs(self, manifest):
+        """(digest, what) of the blobs of a manifest that are missing or have the wrong size on disk."""
+        problems = []
+        for blob, what in manifest_blobs(manifest):
+            size = self.blob_size(blob["digest"])
+            if size is None:
+                problems.append((blob["digest"], f"{what}: blob {blob['digest']} is missing"))
+            elif size != blob["stored_size"]:
+                problems.append(
+                    (blob["digest"], f"{what}: blob {blob['digest']} has {size} bytes, not {blob['stored_size']}")
+                )
+        return problems
+
+    def _readable_manifests(self):
+        """Every manifest of the store that can be read (one that cannot is passed over)."""
+        for container in self.containers():
+            for backup_id in self.backup_ids(container):
+                with contextlib.suppress(BackupError):
+                    yield self.read_manifest(container, backup_id)
+
+    def blob_index(self):
+        """Blobs that manifests describe and that are on disk with their stored size: digest -> blob entry."""
+        index = {}
+        for manifest in self._readable_manifests():
+            for blob, _ in manifest_blobs(manifest):
+                if blob["digest"] not in index and self.blob_size(blob["digest"]) == blob["stored_size"]:
+                    index[blob["digest"]] = dict(blob)
+        return index
+
+    def layer_index(self):
+        """Layers that manifests describe and whose blobs are all on disk with their stored size: diff_id -> layer
+        entry (a layer is a list of blobs: one from docker save, content-defined chunks from an upper directory)."""
+        index = {}
+        for manifest in self._readable_manifests():
+            for layer in manifest.get("layers") or []:
+                blobs = layer.get("blobs") or []
+                if layer["diff_id"] not in index and all(
+                    self.blob_size(b["digest"]) == b["stored_size"] for b in blobs
+                ):
+                    index[layer["diff_id"]] = {"diff_id": layer["diff_id"], "size": layer["size"], "blobs": blobs}
+        return index
+
+    def disk_usage(self):
+        """Bytes the store takes on disk (allocated blocks of every file)."""
+        total = 0
+        for folder, _, files in os.walk(self.path):
+            for name in files:
+                with contextlib.suppress(FileNotFoundError):
+                    total += os.lstat(os.path.join(folder, name)).st_blocks * 512
+        return total
+
+    # retention
+
+    def retention(self, container, keep_last):
+        """Keep the newest keep_last backups of a container (and always the newest complete one); remove the others,
+        then every blob no manifest references. Returns (removed backup ids, removed blobs, bytes freed, warnings)."""
+        if keep_last < 1:
+            raise BackupError("keep_last must be at least 1: the newest backup is never removed")
+        manifests = self.backups_of(container)
+        keep = {m["id"] for m in manifests[-keep_last:]}
+        complete = [m for m in manifests if not self.missing_blobs(m)]
+        if complete:
+            keep.add(complete[-1]["id"])
+        removed = []
+        for manifest in manifests:
+            if manifest["id"] not in keep:
+                os.unlink(self.manifest_path(container, manifest["id"]))
+                removed.append(manifest["id"])
+        if removed:
+            fsync_dir(os.path.join(self.backups, container))
+        blobs, freed, warnings = self.collect_garbage()
+        return Retention(removed, blobs, freed, warnings)
+
+    def collect_garbage(self):
+        """Remove blobs that no manifest references (call with the exclusive lock held)."""
+        referenced = set()
+        for container in self.containers():
+            for backup_id in self.backup_ids(container):
+                try:
+                    manifest = self.read_manifest(container, backup_id)
+                except BackupError as e:
+                    return [], 0, [f"no blob was removed: a manifest cannot be read ({e})"]
+                referenced.update(blob["digest"] for blob, _ in manifest_blobs(manifest))
+        removed, freed = [], 0
+        if not os.path.isdir(self.blobs):
+            return removed, freed, []
+        for name in sorted(os.listdir(self.blobs)):
+            digest = "sha256:" + name
+            if digest in referenced:
+                continue
+            path = os.path.join(self.blobs, name)
+            with contextlib.suppress(FileNotFoundError):
+                freed += os.lstat(path).st_size
+                os.unlink(path)
+                removed.append(digest)
+        if removed:
+            fsync_dir(self.blobs)
+        return removed, freed, []
+
+    def pick(self, container, backup_id=None):
+        """The manifest to restore: the one named, else the newest complete one. Returns (manifest, warnings)."""
+        check_name(container, "container name")
+        if backup_id:
+            return Picked(self.read_manifest(container, check_name(backup_id, "backup id")), [])
+        manifests = self.backups_of(container)
+        if not manifests:
+            known = ", ".join(self.containers()) or "none"
+            raise BackupError(f"the store {self.path} has no backup of container {container} (containers: {known})")
+        warnings = []
+        for manifest in reversed(manifests):
+            problems = self.missing_blobs(manifest)
+            if not problems:
+                return Picked(manifest, warnings)
+            warnings.append(f"backup {manifest['id']} is incomplete: {problems[0][1]}")
+        newest = manifests[-1]
+        raise BackupError(
+            f"no complete backup of container {container} in {self.path}; the newest, {newest['id']}, lacks: "
+            + "; ".join(p[1] for p in self.missing_blobs(newest))
+        )
+
+
+def manifest_blobs(manifest):
+    """(blob entry, what it belongs to) for every blob a manifest references."""
+    for i, layer in enumerate(manifest.get("layers") or []):
+        for blob in layer.get("blobs") or []:
+            yield blob, f"layer {i + 1} ({layer.get('diff_id')})"
+    for mount in manifest.get("mounts") or []:
+        for blob in mount.get("blobs") or []:
+            yield blob, f"the archive of {mount.get('source')}"
+
+
+# ---- blobs ---------------------------------------------------------------------------------------------------------
