@@ -63,7 +63,7 @@ description:
   - O(format=docker-archive) writes instead one plain tar to O(archive_path) that C(docker load -i) reads, with
     gpulab's run settings and bind-mount archives as extra members.
 author:
-  - gpulab developers
+  - gpulab developers (!UNKNOWN)
 options:
   container:
     description: Name of the container to back up.

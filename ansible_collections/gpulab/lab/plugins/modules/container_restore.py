@@ -44,7 +44,7 @@ description:
     removed (after the image is loaded) and created again.
   - Takes a shared lock on the store, so that no backup removes blobs while they are read.
 author:
-  - gpulab developers
+  - gpulab developers (!UNKNOWN)
 options:
   store:
     description: The backup store on the server.

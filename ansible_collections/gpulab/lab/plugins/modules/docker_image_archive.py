@@ -48,7 +48,7 @@ description:
   - community.docker.docker_image_load cannot read .tar.zst on Docker before 25, checks no checksum and has no
     way to skip an archive whose images are present; hence this module.
 author:
-  - gpulab developers
+  - gpulab developers (!UNKNOWN)
 options:
   path:
     description: The archive on the server. Its name must end in .tar, .tar.gz, .tgz or .tar.zst.
@@ -244,7 +244,7 @@ def run_module(module):
     started = time.monotonic()
     stream = open_tar_stream(path, fmt)
     try:
-        messages, _ = engine.load(stream, sent)
+        messages, _sent = engine.load(stream, sent)
     finally:
         stream.close()
     result["seconds"] = round(time.monotonic() - started, 1)

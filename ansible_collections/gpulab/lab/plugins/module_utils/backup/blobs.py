@@ -223,7 +223,7 @@ class ChunkedLayerWriter:
         err = tempfile.TemporaryFile()  # noqa: SIM115 (closed in _collect or abort)
         try:
             proc = subprocess.Popen(
-                [zstd_program(), self.level, "-q", "-f", "--rm", "--", *(path for _, _, path in batch)],
+                [zstd_program(), self.level, "-q", "-f", "--rm", "--", *(entry[2] for entry in batch)],
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=err,
@@ -269,7 +269,7 @@ class ChunkedLayerWriter:
         entries, written = self.entries, self.written
         if entries:
             sync_filesystem(self.store.tmp)
-            for digest, (_, path) in self.new.items():
+            for digest, (_size, path) in self.new.items():
                 os.rename(path + ".zst", self.store.blob_path(digest))
             fsync_dir(self.store.blobs)
         self.known.update((digest, dict(entry)) for digest, entry in entries.items())
@@ -277,14 +277,14 @@ class ChunkedLayerWriter:
         return [dict(self.known[digest]) for digest in self.order], written
 
     def abort(self):
-        for proc, _, err in self.jobs:
+        for proc, _batch, err in self.jobs:
             if proc.poll() is None:
                 with contextlib.suppress(OSError):
                     proc.kill()
             proc.wait()
             err.close()
         self.jobs = []
-        for _, path in self.new.values():
+        for _size, path in self.new.values():
             for leftover in (path, path + ".zst"):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(leftover)

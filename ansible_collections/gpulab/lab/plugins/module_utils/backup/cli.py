@@ -30,12 +30,19 @@ PROG = "python3 -m ansible_collections.gpulab.lab.plugins.module_utils.backup.cl
 COMMANDS = {"backup": options.BACKUP, "restore": options.RESTORE}
 
 
+def out(line, stream=None):
+    """One line to stdout (or stream), at once: the timer's journal shows each container's result as it ends."""
+    stream = stream or sys.stdout
+    stream.write(line + "\n")
+    stream.flush()
+
+
 def list_store(store_path, container=None):
     store = Store(store_path)
     out = []
     for name in [check_name(container, "container name")] if container else store.containers():
         for manifest in store.backups_of(name):
-            blobs = {b["digest"]: b for b, _ in manifest_blobs(manifest)}
+            blobs = {b["digest"]: b for b, _what in manifest_blobs(manifest)}
             out.append(
                 {
                     "container": name,
@@ -75,26 +82,26 @@ def main(argv=None):
     try:
         args = parse(argv)
         if args.command == "list":
-            print(json.dumps(list_store(args.store, args.container), indent=1))
+            out(json.dumps(list_store(args.store, args.container), indent=1))
             return 0
         if args.command == "restore":
             params = options.params_of(args, options.RESTORE)
-            print(json.dumps(RestoreJob(**params).run(), indent=1))
+            out(json.dumps(RestoreJob(**params).run(), indent=1))
             return 0
         params = options.params_of(args, options.BACKUP, required_if=options.BACKUP_REQUIRED_IF)
     except (BackupError, DockerApiError) as e:
-        print(f"gpulab_backup: {e}", file=sys.stderr)
+        out(f"gpulab_backup: {e}", sys.stderr)
         return 1
     failed = 0
     for container in params.pop("container"):
         try:
             result = BackupJob(container=container, **params).run()
-            print(json.dumps(result, sort_keys=True), flush=True)
+            out(json.dumps(result, sort_keys=True))
         except (BackupError, DockerApiError) as e:
-            print(f"gpulab_backup: backup of {container} failed: {e}", file=sys.stderr, flush=True)
+            out(f"gpulab_backup: backup of {container} failed: {e}", sys.stderr)
             failed += 1
     return 1 if failed else 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

@@ -72,7 +72,7 @@ def _oci_entries(files, index, what):
     """The image manifests an OCI index names, depth first, following nested indexes (at most 64 documents)."""
     entries = []
     todo = list(index.get("manifests") or [])
-    for _ in range(64):
+    for _document in range(64):
         if not todo:
             break
         desc = todo.pop(0)

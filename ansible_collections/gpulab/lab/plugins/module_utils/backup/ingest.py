@@ -103,7 +103,7 @@ class SaveIngest:
     def _legacy_layer(self, reader, member):
         guess = self._guess(member.size)
         if guess:
-            for _ in reader.data():
+            for _block in reader.data():
                 self._tick()
             return self._known_layer(guess, member.size, guessed=True)
         return self._store(reader.data(), member.name)
@@ -135,7 +135,7 @@ class SaveIngest:
         if not DIGEST_RE.match(digest):
             return
         if digest in self.stored:
-            for _ in reader.data():
+            for _block in reader.data():
                 self._tick()
             self.layers[member.name] = self._known_layer(digest, member.size)
         elif digest in self.expected:
@@ -194,7 +194,7 @@ class SaveIngest:
 
     def _resolve(self, name):
         name = clean_name(name)
-        for _ in range(16):
+        for _link in range(16):
             if name not in self.links:
                 return name
             name = self.links[name]

@@ -63,7 +63,7 @@ def under(path, tree):
 def system_path_reason(path):
     """Why a bind-mount source is a system path gpulab does not archive, or None."""
     real = os.path.realpath(path)
-    for candidate in {path, real}:
+    for candidate in dict.fromkeys((path, real)):
         if candidate in TOP_LEVEL:
             return f"{candidate} is a top-level system folder"
         for tree in SYSTEM_TREES:

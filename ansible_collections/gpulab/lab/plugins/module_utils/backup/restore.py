@@ -13,9 +13,12 @@ store (it holds the store's lock shared, so that no backup removes blobs meanwhi
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import time
+from dataclasses import dataclass, field, replace
+from typing import NamedTuple
 
 from ansible_collections.gpulab.lab.plugins.module_utils import docker_api as api
 from ansible_collections.gpulab.lab.plugins.module_utils.backup import options
@@ -43,6 +46,50 @@ from ansible_collections.gpulab.lab.plugins.module_utils.backup.verify import ve
 
 class _EngineRefused(BackupError):
     """The engine refused the image we streamed (not a problem of the backup itself)."""
+
+
+class Loaded(NamedTuple):
+    """What loading the image did: streamed or only tagged, layers the engine had and was sent, bytes sent, content
+    bytes whose sha256 was checked while they streamed."""
+
+    image_loaded: bool
+    layers_present: int
+    layers_sent: int
+    bytes_sent: int
+    content_bytes: int
+
+
+@dataclass
+class RestoreReport:
+    """What a restore did (or, in check mode, would do): the result of container_restore and of the command line."""
+
+    container: str
+    backup_id: str
+    manifest: str
+    image: str
+    image_id: str
+    warnings: list
+    changed: bool = True
+    verified: str | None = None
+    verified_blobs: int = 0
+    verified_bytes: int = 0
+    verified_content_bytes: int = 0
+    image_loaded: bool = False
+    layers_sent: int = 0
+    layers_present: int = 0
+    bytes_sent: int = 0
+    workdir_restored: list = field(default_factory=list)
+    replaced_container: bool = False
+    container_id: str | None = None
+    container_started: bool = False
+    seconds: float = 0.0
+    container_exists: bool | None = None
+    msg: str | None = None
+    timings: dict | None = None
+
+    def as_dict(self):
+        optional = ("container_exists", "msg", "timings")
+        return {k: v for k, v in dataclasses.asdict(self).items() if not (k in optional and v is None)}
 
 
 class LoadTar:
@@ -146,27 +193,26 @@ class RestoreJob:
         with self.store.lock(exclusive=False, progress=self.progress):
             manifest, warnings = self.store.pick(self.name, self.backup_id)
             self.warnings.extend(warnings)
-            result = self._result(manifest)
+            report = self._report(manifest)
             existing = None
             if not self.verify_only:
                 self.engine = api.Engine(self.docker_host, self.timeout)
                 existing = self.engine.container(self.name)
                 if existing and not self.force:
-                    result.update(
+                    return replace(
+                        report,
                         changed=False,
                         container_exists=True,
                         msg=f"container {self.name} exists on the engine and was left alone (force: true replaces it "
                         f"with backup {manifest['id']})",
-                    )
-                    return result
+                    ).as_dict()
                 self._check_can_create(manifest)
             self.progress.set("verify")
             if check_mode and not self.verify_only:
                 problems = self.store.missing_blobs(manifest)
                 if problems:
                     raise BackupError(f"backup {manifest['id']} is damaged: " + "; ".join(p[1] for p in problems))
-                result.update(verified="sizes", msg=self._would(manifest, existing))
-                return result
+                return replace(report, verified="sizes", msg=self._would(manifest, existing)).as_dict()
             full = self.verify == "full" or self.verify_only
             figures = verify_backup(
                 self.store,
@@ -175,44 +221,29 @@ class RestoreJob:
                 mount_content=self.verify != "stored" and (self.restore_workdir or self.verify_only),
                 progress=self.progress,
             )
-            result.update(
+            report = replace(
+                report,
                 verified="full" if full else self.verify,
                 verified_blobs=figures.blobs,
                 verified_bytes=figures.stored_bytes,
                 verified_content_bytes=figures.content_bytes,
             )
             if self.verify_only:
-                result.update(changed=False, msg=f"backup {manifest['id']} of {self.name} is complete and intact")
-                return result
-            self._restore(manifest, existing, result)
-        result["seconds"] = round(time.monotonic() - started, 2)
-        result["timings"] = self.progress.remove()
-        return result
+                msg = f"backup {manifest['id']} of {self.name} is complete and intact"
+                return replace(report, changed=False, msg=msg).as_dict()
+            report = self._restore(manifest, existing, report)
+        return replace(report, seconds=round(time.monotonic() - started, 2), timings=self.progress.remove()).as_dict()
 
-    def _result(self, manifest):
+    def _report(self, manifest):
         repo, tag = backup_tag(self.name, manifest["id"])
-        return {
-            "changed": True,
-            "container": self.name,
-            "backup_id": manifest["id"],
-            "manifest": self.store.manifest_path(self.name, manifest["id"]),
-            "image": f"{repo}:{tag}",
-            "image_id": manifest["image"]["id"],
-            "verified": None,
-            "verified_blobs": 0,
-            "verified_bytes": 0,
-            "verified_content_bytes": 0,
-            "image_loaded": False,
-            "layers_sent": 0,
-            "layers_present": 0,
-            "bytes_sent": 0,
-            "workdir_restored": [],
-            "replaced_container": False,
-            "container_id": None,
-            "container_started": False,
-            "seconds": 0.0,
-            "warnings": self.warnings,
-        }
+        return RestoreReport(
+            container=self.name,
+            backup_id=manifest["id"],
+            manifest=self.store.manifest_path(self.name, manifest["id"]),
+            image=f"{repo}:{tag}",
+            image_id=manifest["image"]["id"],
+            warnings=self.warnings,
+        )
 
     def _would(self, manifest, existing):
         mounts = [m["source"] for m in manifest.get("mounts") or []] if self.restore_workdir else []
@@ -239,35 +270,45 @@ class RestoreJob:
         if mode.startswith("container:"):
             raise BackupError(f"{self.name} shared the network of another container ({mode}); gpulab cannot restore it")
         for network in sorted(set(settings.get("networks") or {}) | ({mode} - {"", *BUILTIN_NETWORKS})):
-            status, _ = self.engine.request("GET", f"/networks/{api.quoted(network)}")
+            status, _body = self.engine.request("GET", f"/networks/{api.quoted(network)}")
             if status == 404:
                 raise BackupError(f"{self.name} was on network {network}, which the engine lacks: create it first")
 
-    def _restore(self, manifest, existing, result):
-        self._load_image(manifest, result)
+    def _restore(self, manifest, existing, report):
+        loaded = self._load_image(manifest)
         if existing:
             self.progress.set("removing the existing container")
             self.engine.json("DELETE", api.query(f"/containers/{existing['Id']}", force="1"))
-            result["replaced_container"] = True
+        restored = []
         if self.restore_workdir:
             for mount in manifest.get("mounts") or []:
                 self.progress.set("restoring bind mounts", mount=mount["source"])
-                result["workdir_restored"].append(restore_mount(self.store, mount))
+                restored.append(restore_mount(self.store, mount))
         self.progress.set("creating the container")
-        result["container_id"] = self._create(manifest, result["image"])
-        if self._should_start(manifest):
+        container_id = self._create(manifest, report.image)
+        started = self._should_start(manifest)
+        if started:
             self.progress.set("starting the container")
             try:
-                self.engine.json("POST", f"/containers/{result['container_id']}/start", ok=(204, 304))
+                self.engine.json("POST", f"/containers/{container_id}/start", ok=(204, 304))
             except api.DockerApiError as e:
                 raise BackupError(
                     f"{self.name} was restored from backup {manifest['id']} and created, but does not start: {e}"
                 ) from e
-            result["container_started"] = True
-        result["msg"] = (
-            f"restored {self.name} from backup {manifest['id']}"
+        return replace(
+            report,
+            image_loaded=loaded.image_loaded,
+            layers_present=loaded.layers_present,
+            layers_sent=loaded.layers_sent,
+            bytes_sent=loaded.bytes_sent,
+            verified_content_bytes=report.verified_content_bytes + loaded.content_bytes,
+            replaced_container=bool(existing),
+            workdir_restored=restored,
+            container_id=container_id,
+            container_started=started,
+            msg=f"restored {self.name} from backup {manifest['id']}"
             + (" (replacing the existing container)" if existing else "")
-            + (", started" if result["container_started"] else "")
+            + (", started" if started else ""),
         )
 
     def _present_prefix(self, diff_ids):
@@ -285,7 +326,7 @@ class RestoreJob:
                 break
         return best
 
-    def _send(self, manifest, config_bytes, skip, repo_tag, result):
+    def _send(self, manifest, config_bytes, skip, repo_tag):
         self.progress.set("load", layers_present=skip)
         check = self.verify == "content"  # (full: checked before; stored: zstd's and the engine's checks only)
         stream = LoadTar(
@@ -308,37 +349,38 @@ class RestoreJob:
             raise _EngineRefused(str(e)) from e
         finally:
             stream.close()
-        result["verified_content_bytes"] += sum(x["size"] for x in manifest["layers"][skip:]) if check else 0
-        result.update(
+        return Loaded(
             image_loaded=True,
             layers_present=skip,
             layers_sent=len(manifest["layers"]) - skip,
             bytes_sent=stream.sent,
+            content_bytes=sum(x["size"] for x in manifest["layers"][skip:]) if check else 0,
         )
 
-    def _load_image(self, manifest, result):
+    def _load_image(self, manifest):
+        """The backup's image into the engine (only tagged when the engine has it); returns what was sent."""
         repo, tag = backup_tag(self.name, manifest["id"])
         config_bytes = manifest["image"]["config"].encode("utf-8")
         image_id = sha256_of(config_bytes)
         if self.engine.image(image_id):
             path = api.query(f"/images/{api.quoted(image_id)}/tag", repo=repo, tag=tag)
             self.engine.json("POST", path)
-            result["layers_present"] = len(manifest["layers"])
-            return
+            return Loaded(False, len(manifest["layers"]), 0, 0, 0)
         self.progress.set("finding the layers the engine has")
         skip = self._present_prefix([layer["diff_id"] for layer in manifest["layers"]])
         try:
-            self._send(manifest, config_bytes, skip, f"{repo}:{tag}", result)
+            loaded = self._send(manifest, config_bytes, skip, f"{repo}:{tag}")
         except _EngineRefused as e:
             if not skip:
                 raise
             self.warnings.append(f"loading with the engine's own {skip} first layers failed ({e}); sent them all")
-            self._send(manifest, config_bytes, 0, f"{repo}:{tag}", result)
-        loaded = self.engine.image(f"{repo}:{tag}")
-        if not loaded or loaded["Id"] != image_id:
+            loaded = self._send(manifest, config_bytes, 0, f"{repo}:{tag}")
+        found = self.engine.image(f"{repo}:{tag}")
+        if not found or found["Id"] != image_id:
             raise BackupError(
                 f"the engine loaded the image of backup {manifest['id']} but {repo}:{tag} is not {image_id}"
             )
+        return loaded
 
     def _create(self, manifest, image):
         settings = manifest["run_settings"]

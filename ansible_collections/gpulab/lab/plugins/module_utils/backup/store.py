@@ -235,7 +235,7 @@ class Store:
         """Blobs that manifests describe and that are on disk with their stored size: digest -> blob entry."""
         index = {}
         for manifest in self._readable_manifests():
-            for blob, _ in manifest_blobs(manifest):
+            for blob, _what in manifest_blobs(manifest):
                 if blob["digest"] not in index and self.blob_size(blob["digest"]) == blob["stored_size"]:
                     index[blob["digest"]] = dict(blob)
         return index
@@ -256,7 +256,7 @@ class Store:
     def disk_usage(self):
         """Bytes the store takes on disk (allocated blocks of every file)."""
         total = 0
-        for folder, _, files in os.walk(self.path):
+        for folder, _dirs, files in os.walk(self.path):
             for name in files:
                 with contextlib.suppress(FileNotFoundError):
                     total += os.lstat(os.path.join(folder, name)).st_blocks * 512
@@ -293,7 +293,7 @@ class Store:
                     manifest = self.read_manifest(container, backup_id)
                 except BackupError as e:
                     return [], 0, [f"no blob was removed: a manifest cannot be read ({e})"]
-                referenced.update(blob["digest"] for blob, _ in manifest_blobs(manifest))
+                referenced.update(blob["digest"] for blob, _what in manifest_blobs(manifest))
         removed, freed = [], 0
         if not os.path.isdir(self.blobs):
             return removed, freed, []

@@ -119,7 +119,7 @@ def _parse_pax(data):
             space = data.index(b" ", pos)
             length = int(data[pos:space])
             record = data[space + 1 : pos + length - 1]
-            key, _, value = record.partition(b"=")
+            key, _equals, value = record.partition(b"=")
             records[key.decode("utf-8", "surrogateescape")] = value.decode("utf-8", "surrogateescape")
             pos += length
     except ValueError as e:
@@ -199,7 +199,7 @@ class TarReader:
 
     def _skip(self, size):
         self._left = size
-        for _ in self.data():
+        for _piece in self.data():
             pass
 
     def members(self):

@@ -60,14 +60,18 @@ def _verify_batch(store, items):
     """True when every blob of items (small ones with a content check) has its stored sha256, and `zstd -dc` of all of
     them, cut by their sizes, gives each one's content sha256."""
     try:
-        if any(file_sha256(store.blob_path(blob["digest"])) != blob["stored_digest"] for blob, _, _ in items):
+        if any(
+            file_sha256(store.blob_path(blob["digest"])) != blob["stored_digest"] for blob, _what, _content in items
+        ):
             return False
     except FileNotFoundError:
         return False
-    reader = BlobReader(store.blob_path(blob["digest"]) for blob, _, _ in items)
+    reader = BlobReader(store.blob_path(blob["digest"]) for blob, _what, _content in items)
     good = False
     try:
-        good = all(_read_digest(reader, blob["size"]) == blob["digest"] for blob, _, _ in items) and not reader.read(1)
+        good = all(
+            _read_digest(reader, blob["size"]) == blob["digest"] for blob, _what, _content in items
+        ) and not reader.read(1)
     except BackupError:
         good = False
     finally:
