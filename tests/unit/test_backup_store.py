@@ -22,9 +22,9 @@ import pytest
 from backup_harness import LABEL, needs_docker
 
 from ansible_collections.gpulab.lab.plugins.module_utils import docker_api as api
+from ansible_collections.gpulab.lab.plugins.module_utils import files as backup_files
 from ansible_collections.gpulab.lab.plugins.module_utils.backup import blobs as backup_blobs
 from ansible_collections.gpulab.lab.plugins.module_utils.backup import common as backup_common
-from ansible_collections.gpulab.lab.plugins.module_utils.backup import files as backup_files
 from ansible_collections.gpulab.lab.plugins.module_utils.backup import ingest as backup_ingest
 from ansible_collections.gpulab.lab.plugins.module_utils.backup import mounts as backup_mounts
 from ansible_collections.gpulab.lab.plugins.module_utils.backup import overlay as gpulab_overlay

@@ -455,11 +455,11 @@ def test_skipped_mounts_and_secrets(tiny, tmp_path):
 
 def test_the_command_line_of_the_systemd_timer(container, tmp_path):
     """The backup package run on its own by python3, without Ansible, from a copy of the files role backup installs
-    on the server (module_utils/docker_api.py and module_utils/backup/*.py, nothing else)."""
+    on the server (module_utils/docker_api.py, files.py and backup/*.py, nothing else)."""
     store = tmp_path / "store"
     lib = tmp_path / "lib"
     utils = ROOT / "ansible_collections" / "gpulab" / "lab" / "plugins" / "module_utils"
-    for source in [utils / "docker_api.py", *sorted((utils / "backup").glob("*.py"))]:
+    for source in [utils / "docker_api.py", utils / "files.py", *sorted((utils / "backup").glob("*.py"))]:
         target = lib / source.relative_to(ROOT)
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(source, target)

@@ -31,8 +31,8 @@ from backup_harness import (
 from module_harness import ModuleFail
 
 from ansible_collections.gpulab.lab.plugins.module_utils import docker_api as api
+from ansible_collections.gpulab.lab.plugins.module_utils import files as backup_files
 from ansible_collections.gpulab.lab.plugins.module_utils.backup import common as backup_common
-from ansible_collections.gpulab.lab.plugins.module_utils.backup import files as backup_files
 from ansible_collections.gpulab.lab.plugins.module_utils.backup import store as backup_store
 from ansible_collections.gpulab.lab.plugins.modules import container_backup, container_restore
 

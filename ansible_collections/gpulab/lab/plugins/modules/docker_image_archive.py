@@ -143,7 +143,7 @@ from ansible_collections.gpulab.lab.plugins.module_utils.backup.docker_save impo
     sniff_format,
     suffix_format,
 )
-from ansible_collections.gpulab.lab.plugins.module_utils.backup.files import file_sha256
+from ansible_collections.gpulab.lab.plugins.module_utils.files import file_sha256
 
 
 class Cache:

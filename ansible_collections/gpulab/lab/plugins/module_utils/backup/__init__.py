@@ -6,7 +6,6 @@
 Used by the modules container_backup and container_restore, and run on its own (without Ansible) by the systemd
 timer of role backup (cli.py). One concern per file:
   common.py       the error, names, digests, backup ids and tags, the progress record
-  files.py        programs, a file's sha256, durable renames and filesystems (shared with docker_image_archive)
   streams.py      zstd and tar: BlobReader, TarReader, tar headers, TarOf
   store.py        the store: layout, lock, blob paths and indexes, manifests, retention
   blobs.py        writing blobs: BlobWriter, ChunkedLayerWriter (content-defined chunks of a layer)
@@ -24,5 +23,7 @@ timer of role backup (cli.py). One concern per file:
   options.py      the options of both modules, declared once: argument_spec and the command line
   module.py       the modules' shared run: result, notices, errors
   cli.py          the command line of the systemd timer
-Python's standard library only (3.8 or newer) and the zstd and tar programs (Debian packages zstd, tar).
+Helpers it shares with other modules are one level up: docker_api.py (the engine's client), files.py (programs, a
+file's sha256, durable renames). Python's standard library only (3.8 or newer) and the zstd and tar programs (Debian
+packages zstd, tar).
 """

@@ -30,7 +30,6 @@ from ansible_collections.gpulab.lab.plugins.module_utils.backup.common import (
     sha256_of,
 )
 from ansible_collections.gpulab.lab.plugins.module_utils.backup.docker_save import SMALL_FILE
-from ansible_collections.gpulab.lab.plugins.module_utils.backup.files import fsync_dir
 from ansible_collections.gpulab.lab.plugins.module_utils.backup.mounts import parents_of
 from ansible_collections.gpulab.lab.plugins.module_utils.backup.streams import (
     ZERO_BLOCK,
@@ -40,6 +39,7 @@ from ansible_collections.gpulab.lab.plugins.module_utils.backup.streams import (
     tar_header,
     tar_member,
 )
+from ansible_collections.gpulab.lab.plugins.module_utils.files import fsync_dir
 
 
 def write_archive(job):

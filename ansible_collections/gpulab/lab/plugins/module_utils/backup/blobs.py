@@ -23,15 +23,15 @@ from ansible_collections.gpulab.lab.plugins.module_utils.backup.common import (
     BackupError,
     sha256_of,
 )
-from ansible_collections.gpulab.lab.plugins.module_utils.backup.files import (
+from ansible_collections.gpulab.lab.plugins.module_utils.backup.overlay import MemberChunker
+from ansible_collections.gpulab.lab.plugins.module_utils.backup.streams import zstd_level, zstd_program
+from ansible_collections.gpulab.lab.plugins.module_utils.files import (
     file_sha256,
     fsync_dir,
     grow_pipe,
     sync_filesystem,
     write_all,
 )
-from ansible_collections.gpulab.lab.plugins.module_utils.backup.overlay import MemberChunker
-from ansible_collections.gpulab.lab.plugins.module_utils.backup.streams import zstd_level, zstd_program
 
 SYNC_EVERY = 64 * 1024 * 1024  # a blob being written is flushed to disk every so many bytes: no long fsync at the end
 

@@ -27,9 +27,9 @@ from ansible_collections.gpulab.lab.plugins.module_utils import docker_api as ap
 from ansible_collections.gpulab.lab.plugins.module_utils.backup import overlay
 from ansible_collections.gpulab.lab.plugins.module_utils.backup.blobs import BlobWriter, ChunkedLayerWriter
 from ansible_collections.gpulab.lab.plugins.module_utils.backup.common import CHUNK, Progress, now_utc, sha256_of
-from ansible_collections.gpulab.lab.plugins.module_utils.backup.files import fsync_dir
 from ansible_collections.gpulab.lab.plugins.module_utils.backup.ingest import GuessedWrong, SaveIngest
 from ansible_collections.gpulab.lab.plugins.module_utils.backup.settings import CONFIG_KEYS
+from ansible_collections.gpulab.lab.plugins.module_utils.files import fsync_dir
 
 
 class NoFastPath(Exception):

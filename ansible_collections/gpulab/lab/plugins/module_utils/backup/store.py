@@ -34,7 +34,7 @@ from ansible_collections.gpulab.lab.plugins.module_utils.backup.common import (
     BackupError,
     check_name,
 )
-from ansible_collections.gpulab.lab.plugins.module_utils.backup.files import fsync_dir
+from ansible_collections.gpulab.lab.plugins.module_utils.files import fsync_dir
 
 
 class Retention(NamedTuple):

@@ -18,7 +18,7 @@ import tarfile
 import tempfile
 
 from ansible_collections.gpulab.lab.plugins.module_utils.backup.common import CHUNK, BackupError
-from ansible_collections.gpulab.lab.plugins.module_utils.backup.files import find_program, grow_pipe
+from ansible_collections.gpulab.lab.plugins.module_utils.files import find_program, grow_pipe
 
 BLOCK = 512
 ZERO_BLOCK = b"\0" * BLOCK

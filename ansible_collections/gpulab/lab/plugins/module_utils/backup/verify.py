@@ -15,9 +15,9 @@ import threading
 from typing import NamedTuple
 
 from ansible_collections.gpulab.lab.plugins.module_utils.backup.common import CHUNK, BackupError
-from ansible_collections.gpulab.lab.plugins.module_utils.backup.files import file_sha256
 from ansible_collections.gpulab.lab.plugins.module_utils.backup.store import manifest_blobs
 from ansible_collections.gpulab.lab.plugins.module_utils.backup.streams import BlobReader
+from ansible_collections.gpulab.lab.plugins.module_utils.files import file_sha256
 
 BATCH_VERIFY_SIZE = 8 * 1024 * 1024
 BATCH_VERIFY_FILES = 256

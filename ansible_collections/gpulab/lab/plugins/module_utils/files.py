@@ -1,10 +1,11 @@
 # Copyright (c) gpulab developers
 # SPDX-License-Identifier: MIT
 
-"""Small helpers for files and programs, shared by the backup package and docker_image_archive: where a program is,
-a file's sha256, making a rename or a whole filesystem durable, pipe sizes.
+"""Small helpers for files and programs, one copy for gpulab's modules and module_utils (the backup package,
+docker_image_archive): where a program is, a file's sha256, making a rename or a whole filesystem durable, pipe sizes.
 
-Owns no format and no policy: nothing here knows about the store, archives or Docker. Standard library only.
+Owns no format and no policy: nothing here knows about the store, archives or Docker. Standard library only (the
+backup timer runs it on the server's python3).
 """
 
 from __future__ import annotations
