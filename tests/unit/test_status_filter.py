@@ -194,7 +194,8 @@ def test_table_lines():
     lines = status.status_table(make_report())
     text = "\n".join(lines)
     assert re.search(r"gpu1\s+ana\s+7777\s+running\s+0\s+9000\s+512.0 MiB\s+30 h\s+no\s+IDLE, HOLDING GPU MEMORY", text)
-    assert re.search(r"gpu1\s+cy\s+never\s+-\s+-\s+2026-12-01T03:30:00Z\s+TOO OLD", text)
+    assert re.search(r"gpu1\s+cy\s+never\s+-\s+-\s+2026-12-01T03:30:00Z\s+NO BACKUP FAILED SINCE", text)
+    assert re.search(r"gpu1\s+bo\s+2026-11-30T03:30:00Z\s+3 d 8 h\s+20.0 MiB\s+TOO OLD", text)
     assert "GPU0 9000/143771 MiB 0 %" in text
     assert "NOT ANSWERING: gpu2: unreachable" in lines
     assert "ALERT gpu1: ana idle 30 h holding 9000 MiB of GPU memory" in lines

@@ -199,6 +199,16 @@ def _gpus_text(gpus):
     return "all" if gpus == "all" else ",".join(str(g) for g in gpus) if gpus else "none"
 
 
+def _backup_flags(entry):
+    """The highlights of one container's backups, in words."""
+    flags = []
+    if entry.get("age_alert"):
+        flags.append("NO BACKUP" if entry.get("last_success_age_seconds") is None else "TOO OLD")
+    if entry.get("failure_alert"):
+        flags.append("FAILED SINCE")
+    return flags
+
+
 def status_table(report):
     """The report as lines of text: one table of notebooks, one of backups, and the alerts."""
     notebooks, backups, engines = [], [], []
@@ -243,7 +253,7 @@ def status_table(report):
                     human_duration(entry.get("last_success_age_seconds")),
                     human_bytes(entry.get("last_success_bytes")),
                     entry.get("last_failure") or "",
-                    "TOO OLD" if entry.get("age_alert") else "FAILED" if entry.get("failure_alert") else "",
+                    " ".join(_backup_flags(entry)),
                 ]
             )
     lines = _table(["server", "engine", "storage", "data root free", "GPUs (used/total, util)"], engines)
@@ -264,10 +274,13 @@ _CSS = """
 body { font: 14px/1.4 system-ui, sans-serif; margin: 1.5em; color: #1c1c1c; }
 h1 { font-size: 1.5em; margin: 0 0 .2em; } h2 { font-size: 1.15em; margin: 1.4em 0 .4em; }
 table { border-collapse: collapse; margin: .3em 0 1em; } th, td { padding: .25em .6em; border: 1px solid #ccc; }
-th { background: #eef1f5; text-align: left; } td.n { text-align: right; font-variant-numeric: tabular-nums; }
+th { background: #eef1f5; text-align: left; }
+td.n { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
 tr.alert td { background: #ffd6d6; } .badge { background: #c62828; color: #fff; padding: 0 .4em; border-radius: 3px;
-font-weight: bold; } .ok { color: #2e7d32; } .muted { color: #777; } ul.alerts li { color: #b71c1c; }
+font-weight: bold; white-space: nowrap; }
+.ok { color: #2e7d32; } .muted { color: #777; } ul.alerts li { color: #b71c1c; }
 .charts { display: flex; flex-wrap: wrap; gap: 2em; } figure { margin: 0; } figcaption { font-weight: bold; }
+@page { size: A3 landscape; margin: 1cm; } @media print { body { font-size: 11px; margin: 0; } }
 """
 
 
@@ -276,26 +289,27 @@ def _e(value):
 
 
 def _bar_chart(title, rows, unit, limit=None):
-    """A horizontal bar chart as inline SVG; rows: (label, value, alert). limit draws the threshold line."""
+    """A horizontal bar chart as inline SVG; rows: (label, value, alert, text shown beside the bar). limit (in the
+    values' unit) draws the threshold line."""
     if not rows:
         return f"<figure><figcaption>{_e(title)}</figcaption><p class='muted'>nothing to show</p></figure>"
     label_w, bar_w, row_h = 190, 320, 24
-    top = max([value for _, value, _ in rows] + [limit or 0]) or 1
+    top = max([value for _, value, _, _ in rows] + [limit or 0]) or 1
     height = row_h * len(rows) + 24
     parts = [
         f"<figure><figcaption>{_e(title)}</figcaption>"
         f"<svg xmlns='http://www.w3.org/2000/svg' width='{label_w + bar_w + 110}' height='{height}' role='img'>"
     ]
-    for i, (label, value, alert) in enumerate(rows):
+    for i, (label, value, alert, text) in enumerate(rows):
         y = i * row_h + 4
         width = max(bar_w * value / top, 1)
         colour = "#d32f2f" if alert else "#1976d2"
         parts.append(
             f"<text x='{label_w - 6}' y='{y + 15}' text-anchor='end' font-size='12'>{_e(label)}</text>"
             f"<rect x='{label_w}' y='{y}' width='{width:.1f}' height='{row_h - 8}' fill='{colour}'/>"
-            f"<text x='{label_w + width + 4:.1f}' y='{y + 15}' font-size='12'>{_e(f'{value:g} {unit}')}</text>"
+            f"<text x='{label_w + width + 4:.1f}' y='{y + 15}' font-size='12'>{_e(text)}</text>"
         )
-    if limit:
+    if limit is not None:
         x = label_w + bar_w * limit / top
         parts.append(
             f"<line x1='{x:.1f}' y1='0' x2='{x:.1f}' y2='{height - 16}' stroke='#c62828' stroke-dasharray='4 3'/>"
@@ -373,18 +387,17 @@ def _server_section(server):
             "kernels",
             "connections",
             "idle",
-            "",
         )
     ]
     for nb in server.get("notebooks") or []:
         jupyter = nb.get("jupyter") or {}
-        flag = "<td><span class='badge'>IDLE, HOLDING GPU MEMORY</span></td>" if nb.get("idle_alert") else "<td></td>"
+        flag = " <span class='badge'>IDLE, HOLDING GPU MEMORY</span>" if nb.get("idle_alert") else ""
         update = f"pending: {nb.get('image_update_reason')}" if nb.get("image_update_pending") else "no"
         activity = nb.get("last_activity") or f"unknown ({jupyter.get('error')})"
         rows.append(
             _row(
                 [
-                    _td(nb["user"]),
+                    f"<td><b>{_e(nb['user'])}</b>{flag}</td>",
                     _td(nb.get("port"), True),
                     _td(nb.get("state")),
                     _td(nb.get("image")),
@@ -396,7 +409,6 @@ def _server_section(server):
                     _td(jupyter.get("kernels"), True),
                     _td(jupyter.get("connections"), True),
                     _td(human_duration(nb.get("idle_seconds")), True),
-                    flag,
                 ],
                 nb.get("idle_alert"),
             )
@@ -409,16 +421,16 @@ def _server_section(server):
         + (f" <span class='badge'>{_e(backups['error'])}</span>" if backups.get("error") else "")
         + "</p>"
     )
-    rows = [_head("backup of", "container", "backups", "last success", "age", "size", "complete", "last failure", "")]
+    rows = [_head("backup of", "container", "backups", "last success", "age", "size", "complete", "last failure")]
     for entry in backups.get("containers") or []:
         failure = (
             f"{entry['last_failure']}: {entry.get('last_failure_reason')}" if entry.get("last_failure") else "none"
         )
-        flag = "TOO OLD" if entry.get("age_alert") else "FAILED SINCE" if entry.get("failure_alert") else ""
+        flag = "".join(f" <span class='badge'>{text}</span>" for text in _backup_flags(entry))
         rows.append(
             _row(
                 [
-                    _td(entry.get("user")),
+                    f"<td><b>{_e(entry.get('user'))}</b>{flag}</td>",
                     _td(entry["container"]),
                     _td(entry.get("count"), True),
                     _td(entry.get("last_success") or "never"),
@@ -426,7 +438,6 @@ def _server_section(server):
                     _td(human_bytes(entry.get("last_success_bytes")), True),
                     _td({True: "yes", False: "NO", None: "-"}[entry.get("complete")]),
                     _td(failure),
-                    f"<td><span class='badge'>{flag}</span></td>" if flag else "<td></td>",
                 ],
                 entry.get("age_alert") or entry.get("failure_alert"),
             )
@@ -444,13 +455,15 @@ def status_html(report):
         for nb in server.get("notebooks") or []:
             label = f"{nb['user']} @ {server['host']}"
             if nb.get("gpu_memory_mib"):
-                gpu_rows.append((label, nb["gpu_memory_mib"], nb.get("idle_alert")))
+                gpu_rows.append((label, nb["gpu_memory_mib"], nb.get("idle_alert"), f"{nb['gpu_memory_mib']} MiB"))
             if nb.get("idle_seconds") is not None:
-                idle_rows.append((label, round(nb["idle_seconds"] / 3600, 2), nb.get("idle_alert")))
+                idle = nb["idle_seconds"]
+                idle_rows.append((label, idle / 3600, nb.get("idle_alert"), human_duration(idle)))
         for entry in (server.get("backups") or {}).get("containers") or []:
             if entry.get("last_success_age_seconds") is not None:
                 label = f"{entry.get('user') or entry['container']} @ {server['host']}"
-                age_rows.append((label, round(entry["last_success_age_seconds"] / 3600, 2), entry.get("age_alert")))
+                age = entry["last_success_age_seconds"]
+                age_rows.append((label, age / 3600, entry.get("age_alert"), human_duration(age)))
     alerts = report.get("alerts") or []
     parts = [
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
