@@ -7,8 +7,12 @@ Every refusal the role promises has its case here; the molecule scenario `notebo
 
 import importlib
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
+import yaml
 from ansible.errors import AnsibleFilterError
 from notebook_cases import (
     EVERYWHERE,
@@ -16,6 +20,7 @@ from notebook_cases import (
     IMAGE,
     NO_GPU,
     PASSWORD,
+    ROOT,
     TOKEN,
     container,
     errors_of,
@@ -26,6 +31,7 @@ from notebook_cases import (
 )
 
 nb = importlib.import_module("ansible_collections.gpulab.lab.plugins.filter.notebook_plan")
+ROLE = ROOT / "ansible_collections" / "gpulab" / "lab" / "roles" / "notebook"
 server = importlib.import_module("ansible_collections.gpulab.lab.plugins.filter.notebook_server")
 jupyter = importlib.import_module("ansible_collections.gpulab.lab.plugins.filter.notebook_jupyter")
 
@@ -234,7 +240,9 @@ def test_a_name_without_tag_is_latest():
         (with_entry(ipc_mode="none"), {}, "ipc_mode must be one of host, private, shareable"),
         (with_entry(env={"JUPYTER_TOKEN": "x"}), {}, "env must not carry JUPYTER_TOKEN"),
         (with_entry(env={"BAD-NAME": "x"}), {}, "env has invalid variable names: BAD-NAME"),
-        (with_entry(env=["A=1"]), {}, "env must be a dictionary"),
+        (with_entry(env=["A=1"]), {}, "env must be a dictionary of variable names and values, not ['A=1']"),
+        (with_entry(env={"JUPYTER_RUNTIME_DIR": "/workspace/rt"}), {}, "env must not set JUPYTER_RUNTIME_DIR"),
+        (with_entry(ssh_user="a b"), {}, "(student3): ssh_user must be the student's SSH login name, not 'a b'"),
         (with_entry(frontend="vscode"), {}, "frontend must be notebook or lab"),
         (with_entry(state="running"), {}, "state must be one of started, stopped, absent"),
         (with_entry({"passwrd": "x"}), {}, "unknown key(s) passwrd"),
@@ -347,3 +355,100 @@ def test_image_ids_by_tag_and_digest():
 def test_bad_arguments():
     with pytest.raises(AnsibleFilterError):
         nb.notebook_plan({"name": "x"}, {})
+
+
+# ---- a workdir the server empties ---------------------------------------------------------------------------
+
+MOUNTS = {"/": "ext4", "/run": "tmpfs", "/dev/shm": "tmpfs", "/srv/scratch": "tmpfs", "/srv": "xfs"}
+MOUNTS["/mnt/ram"] = "ramfs"
+
+
+@pytest.mark.parametrize(
+    ("workdir", "expected"),
+    [
+        ("/tmp/nb/bob", "workdir /tmp/nb/bob is under /tmp, which the server empties (at boot, or of files left"),
+        ("/var/tmp/nb/bob", "workdir /var/tmp/nb/bob is under /var/tmp, which the server empties"),
+        ("/run/nb/bob", "workdir /run/nb/bob is under /run, which the server empties"),
+        ("/dev/shm/bob", "workdir /dev/shm/bob is under /dev/shm, which the server empties"),
+        ("/srv/scratch/nb/bob", "workdir /srv/scratch/nb/bob is on a tmpfs (/srv/scratch), which the server empties"),
+        ("/mnt/ram/bob", "workdir /mnt/ram/bob is on a ramfs (/mnt/ram), which the server empties at every boot"),
+    ],
+)
+def test_a_workdir_the_server_empties_is_refused_with_the_reason(workdir, expected):
+    found = errors_of(with_entry(workdir=workdir), mounts=MOUNTS)
+    assert f"notebook_users entry 3 (student3): {expected}" in found
+    assert "the student's files would be lost; give a folder on a disk, e.g. /srv/notebooks/student3" in found
+    assert found.count("student3") == 2  # one problem (the name is in the message twice), not a system-folder one too
+
+
+def test_a_workdir_on_a_disk_is_fine_beside_memory_file_systems():
+    assert plan(with_entry(workdir="/srv/notebooks/student3"), mounts=MOUNTS)["errors"] == []
+    assert plan(with_entry(workdir="/srv/scratchpad/student3"), mounts=MOUNTS)["errors"] == []  # not /srv/scratch
+
+
+def test_the_mounts_from_findmnt():
+    output = "/ ext4\n/run tmpfs\n/srv/lab\\x20data xfs\n/proc proc\n"
+    mounts = server.notebook_mounts(output)
+    assert mounts == {"/": "ext4", "/run": "tmpfs", "/srv/lab data": "xfs", "/proc": "proc"}
+    assert server.filesystem_of("/srv/lab data/alice", mounts) == ("/srv/lab data", "xfs")
+    assert server.filesystem_of("/home/alice", mounts) == ("/", "ext4")
+    assert server.filesystem_of("/home/alice", {}) == (None, None)
+
+
+# ---- every message names the entry and the whole value ------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("changes", "expected"),
+    [
+        ({"state": "running"}, "entry 3 (student3): state must be one of started, stopped, absent, not 'running'"),
+        ({"port": "seventy"}, "entry 3 (student3): port must be a number from 1 to 65535, not 'seventy'"),
+        ({"name": "Carol"}, "entry 3 (Carol): the name must be 1 to 32 characters of a-z, 0-9, _ and -, starting"),
+        ({"name": "Carol"}, "(like a Linux user name), not 'Carol'; it names the container"),
+        ({"token": ""}, "entry 3 (student3): token is '' (empty): give the token or leave the key out"),
+        ({"token": None, "password": ""}, "entry 3 (student3): password is '' (empty)"),
+        ({"token": None, "password_hash": ""}, "entry 3 (student3): password_hash is '' (empty)"),
+        ({"auth": "maybe", "token": None}, "entry 3 (student3): auth must be required or none, not 'maybe'"),
+        ({"cpus": "many"}, "entry 3 (student3): cpus must be a number such as 2 or 1.5, not 'many'"),
+    ],
+)
+def test_every_message_names_the_entry_and_the_whole_value(changes, expected):
+    entries = with_entry()
+    entries[2].update(changes)
+    assert expected in errors_of(entries)
+
+
+def test_an_empty_token_is_reported_as_empty_not_as_missing():
+    entries = with_entry()
+    entries[2]["token"] = ""
+    assert plan(entries)["errors"] == [
+        "notebook_users entry 3 (student3): token is '' (empty): give the token or leave the key out (an empty value "
+        "is often a Vault variable that is not set)"
+    ]
+
+
+def test_the_message_for_a_notebook_whose_user_left_has_no_stray_brace():
+    containers = [container("notebook-carol", ports=[("127.0.0.1", 7777)], owner="carol")]
+    found = errors_of(containers=containers)
+    assert "add {name: carol, state: absent} to remove it, or choose another port" in found
+    assert "}}" not in found
+
+
+def test_ansibles_own_argument_check_leaves_notebook_users_to_the_plan(tmp_path):
+    """The role's argument spec, as Ansible checks it before the role runs: values the plan refuses with a message
+    naming the entry must pass it (Ansible's own message names neither the entry nor its position)."""
+    spec = yaml.safe_load((ROLE / "meta" / "argument_specs.yml").read_text())["argument_specs"]["main"]["options"]
+    entries = with_entry(state="running", port="seventy", auth="maybe", cpus="many", frontend="vscode")
+    del entries[2]["name"]
+    playbook = tmp_path / "check.yml"
+    task = {
+        "ansible.builtin.validate_argument_spec": {
+            "argument_spec": spec,
+            "provided_arguments": {"notebook_users": entries},
+        }
+    }
+    playbook.write_text(json.dumps([{"hosts": "localhost", "gather_facts": False, "tasks": [task]}]))
+    command = [str(Path(sys.executable).parent / "ansible-playbook"), "-i", "localhost,", "-c", "local", str(playbook)]
+    proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=False, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert "ok=1" in proc.stdout

@@ -7,6 +7,10 @@ import copy
 import hashlib
 import importlib
 import json
+import logging
+import os
+import secrets
+import shutil
 
 import pytest
 from ansible.errors import AnsibleFilterError
@@ -14,6 +18,7 @@ from notebook_cases import (
     IMAGE,
     NOTEBOOK6,
     PASSWORD,
+    ROOT,
     TOKEN,
     plan,
     users,
@@ -21,6 +26,7 @@ from notebook_cases import (
 )
 
 nb = importlib.import_module("ansible_collections.gpulab.lab.plugins.filter.notebook_jupyter")
+FLAVOURS = nb.FLAVOURS
 
 
 # ---- Jupyter ------------------------------------------------------------------------------------------------
@@ -187,3 +193,93 @@ def test_bad_arguments():
         nb.notebook_jupyter_config(users(), {"name": "nobody", "flavour": "notebook6"}, "gpu01")
     with pytest.raises(AnsibleFilterError):
         nb.notebook_jupyter_config(users(), {"name": "student1", "flavour": "jupyter9"}, "gpu01")
+
+
+# ---- no token in the log, no runtime file in the workdir --------------------------------------------------------
+
+LOG_FILTER = (
+    ROOT / "ansible_collections" / "gpulab" / "lab" / "roles" / "notebook" / "files" / "gpulab_jupyter_config.py"
+)
+# What each flavour's server logs when the browser opens the sheet's URL and afterwards, as its code writes it:
+# Notebook 6 and Jupyter Server 1 (notebook/log.py, jupyter_server/log.py: log_method(msg.format(**ns)) on
+# tornado.access), Jupyter Server 2 (the same line, and the ServerApp's own messages with %s).
+ACCESS_LINES = {
+    "notebook6": [("tornado.access", "302 GET /?token={token} (172.17.0.1) 1.240000ms", ())],
+    "jupyter_server1": [("tornado.access", "302 GET /lab?token={token} (172.17.0.1) 1.24ms", ())],
+    "jupyter_server2": [
+        ("tornado.access", "404 GET /api/nope?token={token} (172.17.0.1) 0.80ms referer=None", ()),
+        ("ServerApp", "Jupyter Server is running at: %s", ("http://127.0.0.1:8888/tree?token={token}",)),
+    ],
+}
+
+
+@pytest.fixture
+def log_filter_for(tmp_path, monkeypatch):
+    """Load the role's log filter the way traitlets loads a config file (exec with __file__) beside the JSON config
+    of a flavour; the logging record factory and the environment are put back afterwards."""
+    previous = logging.getLogRecordFactory()
+    monkeypatch.delenv("JUPYTER_RUNTIME_DIR", raising=False)
+
+    def load(flavour, entries=None):
+        planned = planned_with(flavour, entries)["student1"]
+        (tmp_path / planned["config_file"]).write_text(nb.notebook_jupyter_config(entries or users(), planned, "gpu01"))
+        path = tmp_path / planned["log_filter_file"]
+        shutil.copy(LOG_FILTER, path)
+        exec(compile(path.read_text(), str(path), "exec"), {"c": None, "__file__": str(path)})  # noqa: S102
+        return planned
+
+    yield load
+    logging.setLogRecordFactory(previous)
+
+
+def logged(caplog, lines, token):
+    caplog.clear()
+    with caplog.at_level(logging.DEBUG):
+        for name, text, args in lines:
+            logging.getLogger(name).info(text.format(token=token), *(arg.format(token=token) for arg in args))
+    return "\n".join(record.getMessage() for record in caplog.records)
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_the_notebooks_log_hides_the_token_for_every_flavour(flavour, log_filter_for, caplog):
+    log_filter_for(flavour)
+    text = logged(caplog, ACCESS_LINES[flavour], TOKEN)
+    assert TOKEN not in text
+    assert "?token=(hidden)" in text
+    wrong = secrets.token_hex(24)  # a wrong or old token in a URL is hidden as well
+    assert wrong not in logged(caplog, ACCESS_LINES[flavour], wrong)
+
+
+def test_the_log_filter_hides_the_token_anywhere(log_filter_for, caplog):
+    log_filter_for("jupyter_server2")
+    with caplog.at_level(logging.DEBUG):
+        logging.getLogger("ServerApp").warning("headers: %s", json.dumps({"Authorization": f"token {TOKEN}"}))
+        logging.getLogger("ServerApp").info("kernel started with %s", TOKEN)
+    assert TOKEN not in "\n".join(record.getMessage() for record in caplog.records)
+    assert caplog.records[0].getMessage() == 'headers: {"Authorization": "token (hidden)"}'
+    assert caplog.records[1].getMessage() == "kernel started with (hidden)"
+
+
+def test_the_log_filter_keeps_every_other_line_as_it_is(log_filter_for, caplog):
+    log_filter_for("notebook6")
+    with caplog.at_level(logging.DEBUG):
+        logging.getLogger("NotebookApp").info("Serving notebooks from local directory: %s", "/workspace")
+        logging.getLogger("tornado.access").warning("403 GET /api/status (172.17.0.1) 1.2ms referer=None")
+    assert [record.getMessage() for record in caplog.records] == [
+        "Serving notebooks from local directory: /workspace",
+        "403 GET /api/status (172.17.0.1) 1.2ms referer=None",
+    ]
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_every_flavour_reads_the_log_filter_which_keeps_the_runtime_files_out_of_the_workdir(flavour, log_filter_for):
+    user = log_filter_for(flavour)
+    config = [arg for arg in user["command"] if arg.startswith("--config=")]
+    assert config == ["--config=/etc/gpulab-notebook/gpulab_jupyter_config.json"]
+    # traitlets reads <name>.py beside <name>.json for one --config name; the role writes both in the mounted folder
+    assert user["log_filter_file"] == "gpulab_jupyter_config.py"
+    runtime = os.environ["JUPYTER_RUNTIME_DIR"]  # set by the filter, for Jupyter and the kernels it starts
+    assert runtime == "/tmp/jupyter-runtime"
+    assert not runtime.startswith(user["container_workdir"] + "/")
+    assert runtime not in [mount["target"] for mount in user["mounts"]]
+    assert "JUPYTER_RUNTIME_DIR" not in user["env"]  # not in the container's environment: no recreated containers

@@ -236,6 +236,41 @@ def test_the_secrets_are_in_no_command_line_environment_or_inspect_output(server
     assert users["student2"]["password"] not in hashed["NotebookApp"]["password"]
 
 
+def test_the_notebooks_log_holds_no_token(server, users, client_on_server):
+    """docker logs shows a notebook's log to everyone in the docker group: the browser's first request (the sheet's
+    URL, /?token=..., which Notebook 6 logs as 302 GET /?token=...), a page that is not there with the token (404) and
+    a wrong token (403) are logged with the token hidden."""
+    port, token = users["student1"]["port"], users["student1"]["token"]
+    wrong = secrets.token_hex(24)
+    opened = jupyter_in_server(server, client_on_server, port, "--token", token, "--get", "/", "--get", "/no-such-page")
+    assert opened["get"] == [302, 404]
+    refused = jupyter_in_server(server, client_on_server, port, "--token", wrong, "--get", "/tree")
+    assert refused["status"] == 403
+    log = server.run("docker logs notebook-student1")
+    text = log.stdout + log.stderr
+    assert "GET /?token=(hidden)" in text and "GET /no-such-page?token=(hidden)" in text, text[-3000:]
+    assert token not in text and wrong not in text
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_jupyters_runtime_files_are_not_in_the_workdir(server, users, client_on_server, name):
+    """Jupyter writes its server info (with the token) and the kernels' connection files (with their keys) in its
+    runtime folder: one inside the container that is not bind-mounted, not ~/.local/share/jupyter/runtime in the
+    student's workdir (HOME)."""
+    entry = users[name]
+    login = ["--token", entry["token"]] if "token" in entry else ["--password", entry["password"]]
+    started = jupyter_in_server(server, client_on_server, entry["port"], *login, "--start-kernel")
+    assert started["kernel"] == 201
+    container = f"notebook-{name}"
+    inside = server.check_output(
+        f"docker exec -u 0 {container} find / -xdev \\( -name 'nbserver-*.json' -o -name 'kernel-*.json' \\)"
+    ).split()  # -xdev: the container's own file system, not its bind mounts
+    assert {path.rsplit("/", 1)[0] for path in inside} == {"/tmp/jupyter-runtime"}, inside
+    assert any(path.rsplit("/", 1)[1].startswith("kernel-") for path in inside), inside
+    in_workdir = server.check_output(f"find {entry['workdir']} -name 'nbserver-*' -o -name 'kernel-*.json'")
+    assert in_workdir == ""
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_the_config_with_the_secret_is_readable_by_the_student_only(server, name):
     uid, gid = account(server, name)
@@ -243,7 +278,10 @@ def test_the_config_with_the_secret_is_readable_by_the_student_only(server, name
     assert (folder.uid, folder.gid, folder.mode) == (0, 0, 0o700)
     config = server.file(f"/etc/gpulab/notebook/{name}/gpulab_jupyter_config.json")
     assert (config.uid, config.gid, config.mode) == (uid, gid, 0o400)
-    assert server.check_output(f"ls /etc/gpulab/notebook/{name}") == "gpulab_jupyter_config.json"
+    log_filter = server.file(f"/etc/gpulab/notebook/{name}/gpulab_jupyter_config.py")  # no secret: hides the token
+    assert (log_filter.uid, log_filter.gid, log_filter.mode) == (uid, gid, 0o400)
+    listed = server.check_output(f"ls /etc/gpulab/notebook/{name}").split()
+    assert listed == ["gpulab_jupyter_config.json", "gpulab_jupyter_config.py"]
 
 
 def test_the_access_sheet_says_how_to_reach_each_notebook(sheet, users, variables):
@@ -307,21 +345,64 @@ def test_a_student_reaches_the_notebook_through_ssh_l(sheet, users, name):
             tunnel.kill()
 
 
+SSH_PORT = int(os.environ.get("GPULAB_NOTEBOOK_SSH_PORT", "22005"))  # the instance's sshd on this machine
+
+
+def test_a_run_over_ssh_as_a_sudo_user_gives_the_servers_ssh_port_in_the_sheet(
+    server, users, variables, sheet, monkeypatch
+):
+    """The play as an admin runs it: over SSH to the server's own port (ansible_host, ansible_port), as an account
+    with sudo, and without notebook_ssh_host or notebook_ssh_port. The students' ssh commands then name that host and
+    port; and the run changes nothing on the server that converge (through docker exec) set up."""
+    hostname, access = server.backend.name, EPHEMERAL / "access-ssh"
+    host_vars = {
+        "ansible_connection": "ssh",
+        "ansible_host": "127.0.0.1",
+        "ansible_port": SSH_PORT,
+        "ansible_user": "labadmin",
+        "ansible_become": True,
+        "ansible_ssh_private_key_file": str(KEY),
+        "ansible_ssh_common_args": "-o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null",
+        "ansible_python_interpreter": "/usr/bin/python3",
+        "notebook_users": list(users.values()),
+        "notebook_access_dir": str(access),
+        "deepo_image_repository": variables["deepo_image_repository"],
+        "deepo_image_tag": variables["deepo_image_tag"],
+    }
+    inventory = EPHEMERAL / "ssh-inventory.json"
+    inventory.write_text(json.dumps({"gpu_servers": {"hosts": {hostname: host_vars}}}))
+    monkeypatch.setenv("MOLECULE_INVENTORY_FILE", str(inventory))  # this inventory only: no notebook_ssh_* in it
+    before = snapshot(server, sheet)
+    run = run_playbook(hostname, "gpulab.lab.notebook")
+    assert run.rc == 0, run.text[-3000:]
+    text = (access / f"{hostname}.txt").read_text()
+    assert f"ssh: ssh -p {SSH_PORT} -L 7777:127.0.0.1:7777 student1@127.0.0.1\n" in text
+    assert f"ssh: ssh -p {SSH_PORT} -L 8888:127.0.0.1:7778 student2@127.0.0.1\n" in text
+    assert f"ssh -p {SSH_PORT} -L 7777:127.0.0.1:7777 student1@127.0.0.1 then http://localhost:7777/" in run
+    assert snapshot(server, sheet) == before
+
+
 # ---- bad input: every problem reported at once, before anything changes ---------------------------------------
 
 FOREIGN = "notebook-intruder"  # a container gpulab does not manage: its name is the one entry "intruder" would get
 FOREIGN_PORT = 7790
 NOT_A_FOLDER = "/srv/notebooks/not-a-folder"
+RAMDISK = "/srv/ramdisk"  # a tmpfs the bad run mounts
 TOKEN = secrets.token_hex(16)  # a valid token for the bad entries (each has another problem)
 NEW_PASSWORD = secrets.token_urlsafe(12)  # student2's password after the change test
 
 
 def bad_entry(name, port, **more):
-    return {"name": name, "port": port, "workdir": f"/srv/notebooks/{name}", "uid": 2000 + port % 100, **more}
+    return {"name": name, "port": port, "workdir": f"/srv/notebooks/{name}", "uid": 2000 + len(name), **more}
 
 
 BAD_CASES = [
-    ("invalid-name", bad_entry("Student 3!", 7781, token=TOKEN), "(Student 3!): the name must be 1 to 32 characters"),
+    (
+        "invalid-name",
+        bad_entry("Student 3!", 7781, token=TOKEN),
+        "entry 3 (Student 3!): the name must be 1 to 32 characters of a-z, 0-9, _ and -, starting with a letter or _"
+        " (like a Linux user name), not 'Student 3!'",
+    ),
     (
         "same-name",
         {**bad_entry("student1", 7782, token=TOKEN), "workdir": "/srv/notebooks/student1-again"},
@@ -364,6 +445,27 @@ BAD_CASES = [
         {**bad_entry("fileworkdir", 7789, token=TOKEN), "workdir": NOT_A_FOLDER},
         f"(fileworkdir): workdir {NOT_A_FOLDER} exists on the server and is not a folder",
     ),
+    (
+        "workdir-under-tmp",
+        {**bad_entry("tmpwork", 7791, token=TOKEN), "workdir": "/tmp/nb/tmpwork"},
+        "(tmpwork): workdir /tmp/nb/tmpwork is under /tmp, which the server empties",
+    ),
+    (
+        "workdir-on-a-tmpfs",
+        {**bad_entry("ramwork", 7792, token=TOKEN), "workdir": f"{RAMDISK}/ramwork"},
+        f"(ramwork): workdir {RAMDISK}/ramwork is on a tmpfs ({RAMDISK}), which the server empties",
+    ),
+    ("empty-token", bad_entry("emptytoken", 7793, token=""), "entry 15 (emptytoken): token is '' (empty)"),
+    (
+        "state-not-a-state",
+        bad_entry("carol", 7794, token=TOKEN, state="running"),
+        "entry 16 (carol): state must be one of started, stopped, absent, not 'running'",
+    ),
+    (
+        "port-not-a-number",
+        bad_entry("dave", "seventy", token=TOKEN),
+        "entry 17 (dave): port must be a number from 1 to 65535, not 'seventy'",
+    ),
 ]
 
 
@@ -376,6 +478,7 @@ def bad_run(server, users, notebook_play, sheet):
         " gpulab-test/dl-notebook:latest sleep infinity"
     )
     server.check_output(f"touch {NOT_A_FOLDER}")
+    server.check_output(f"mkdir -p {RAMDISK} && mount -t tmpfs -o size=1m gpulab-test {RAMDISK}")
     try:
         before = snapshot(server, sheet)
         first = {**users["student1"], "memory": "3g"}
@@ -383,7 +486,7 @@ def bad_run(server, users, notebook_play, sheet):
         run = notebook_play({"notebook_users": entries})
         yield run, before, snapshot(server, sheet)
     finally:
-        server.run(f"docker rm -f {FOREIGN}; rm -f {NOT_A_FOLDER}")
+        server.run(f"docker rm -f {FOREIGN}; rm -f {NOT_A_FOLDER}; umount {RAMDISK}; rmdir {RAMDISK}")
 
 
 @pytest.mark.parametrize("expected", [case[2] for case in BAD_CASES], ids=[case[0] for case in BAD_CASES])
@@ -392,13 +495,14 @@ def test_bad_input_is_reported(bad_run, expected):
     assert expected in run, run.text[-4000:]
 
 
-def test_bad_input_fails_before_anything_changes(bad_run, users):
+def test_bad_input_fails_before_anything_changes(bad_run, server, users):
     run, before, after = bad_run
     assert run.rc != 0
     assert run.failed == 1 and run.changed == 0
     assert f"has {len(BAD_CASES)} problem(s)" in run
     assert "Nothing was changed." in run
     assert after == before  # student1 not recreated, no folder made for any entry, configs and sheet as they were
+    assert not server.file("/tmp/nb").exists
     for entry in users.values():
         for secret in secrets_in(entry):
             assert secret not in run.raw
@@ -433,6 +537,60 @@ def test_check_mode_predicts_changes_and_makes_none(server, users, notebook_play
     assert run.rc == 0, run.text[-3000:]
     assert run.changed >= 3  # student1's container; student2's config and restart
     assert snapshot(server, sheet) == before
+
+
+FRESH = "gpulab-notebook-fresh"  # a Debian 12 server that has never seen gpulab: no Docker, no student accounts
+
+
+@pytest.fixture(scope="module")
+def fresh_server(tmp_path_factory):
+    """A plain Debian 12 container of the base image (no Docker, no sudo, no accounts but root), reached through
+    docker exec; an inventory of that server only."""
+    image = os.environ.get("GPULAB_BASE_IMAGE", "gpulab-test/debian:12")
+    subprocess.run(["docker", "rm", "-f", FRESH], capture_output=True, check=False)
+    subprocess.run(
+        ["docker", "run", "-d", "--name", FRESH, "--label", "io.gpulab.harness=1", image, "sleep", "infinity"],
+        check=True,
+        capture_output=True,
+    )
+    inventory = tmp_path_factory.mktemp("fresh") / "inventory.json"
+    host_vars = {"ansible_connection": "community.docker.docker", "ansible_become": False}
+    inventory.write_text(json.dumps({"gpu_servers": {"hosts": {FRESH: host_vars}}}))
+    try:
+        yield inventory, testinfra.get_host(f"docker://{FRESH}")
+    finally:
+        subprocess.run(["docker", "rm", "-f", FRESH], capture_output=True, check=False)
+
+
+def fresh_users(**student2):
+    return [
+        {"name": "student1", "port": 7777, "workdir": "/srv/notebooks/student1", "uid": 1000, "token": TOKEN},
+        {"name": "student2", "port": 7778, "workdir": "/srv/notebooks/student2", "uid": 1001, "password": "pw" * 8}
+        | student2,
+    ]
+
+
+def test_check_mode_on_a_server_that_has_never_seen_gpulab_says_what_it_would_do(fresh_server, monkeypatch):
+    inventory, fresh = fresh_server
+    monkeypatch.setenv("MOLECULE_INVENTORY_FILE", str(inventory))
+    extra = {"notebook_users": fresh_users(), "notebook_image": "gpulab-test/dl-notebook:latest"}
+    extra["notebook_access_dir"] = str(EPHEMERAL / "access-fresh")
+    run = run_playbook(FRESH, "gpulab.lab.notebook", extra, "--check")
+    assert run.rc == 0 and run.failed == 0, run.text[-3000:]
+    assert f"Check mode: no Docker engine answers on {FRESH} yet" in run
+    assert (
+        "student1: would be started (container notebook-student1, port 7777 on 127.0.0.1, workdir"
+        " /srv/notebooks/student1 (created), GPUs none, login by token, image gpulab-test/dl-notebook:latest)" in run
+    )
+    assert "student2: would be started (container notebook-student2, port 7778 on 127.0.0.1" in run
+    assert not fresh.file("/srv/notebooks").exists and not fresh.file("/etc/gpulab").exists
+    # Bad input is found in check mode too, before Docker is even there.
+    bad_users = fresh_users(workdir="/tmp/nb/s2")
+    bad = run_playbook(FRESH, "gpulab.lab.notebook", {**extra, "notebook_users": bad_users}, "--check")
+    assert bad.rc != 0 and bad.changed == 0
+    assert "notebook_users entry 2 (student2): workdir /tmp/nb/s2 is under /tmp, which the server empties" in bad
+    assert "Nothing was changed." in bad
+    assert not fresh.file("/tmp/nb").exists
 
 
 def test_a_new_memory_limit_recreates_that_container_and_a_new_password_restarts_the_other(

@@ -54,6 +54,10 @@ class Jupyter:
     def status(self):
         return self.request("GET", "/api/status")[0]
 
+    def start_kernel(self):
+        """Start a kernel (what opening a notebook does); returns the status (201 when it started)."""
+        return self.request("POST", "/api/kernels", body={})[0]
+
     def put_file(self, name, text):
         """Save a text file through the contents API (what the notebook's editor does)."""
         body = {"type": "file", "format": "text", "content": text}
@@ -67,6 +71,8 @@ def main(argv=None):
     parser.add_argument("--token")
     parser.add_argument("--password")
     parser.add_argument("--put", nargs=2, metavar=("NAME", "TEXT"))
+    parser.add_argument("--get", action="append", default=[], metavar="PATH", help="statuses under 'get', in order")
+    parser.add_argument("--start-kernel", action="store_true", help="start a kernel: its status under 'kernel'")
     args = parser.parse_args(argv)
     client = Jupyter(args.host, args.port, token=args.token)
     result = {}
@@ -75,6 +81,10 @@ def main(argv=None):
     result["status"] = client.status()
     if args.put:
         result["put"] = client.put_file(*args.put)
+    if args.get:
+        result["get"] = [client.request("GET", path)[0] for path in args.get]
+    if args.start_kernel:
+        result["kernel"] = client.start_kernel()
     json.dump(result, sys.stdout)
     print()
 

@@ -66,9 +66,27 @@ def notebook_summary(plan_users, server, ssh_port=22, sheet=""):
     return lines
 
 
+def notebook_preview(plan_users):
+    """One line per user of what a real run would do, for check mode where no engine can be compared yet (no
+    secret)."""
+    lines = []
+    for user in plan_users:
+        if user["state"] == "absent":
+            lines.append(f"{user['name']}: would be removed (container {user['container']}; the workdir is kept)")
+            continue
+        created = "" if user.get("workdir_exists") else " (created)"
+        lines.append(
+            f"{user['name']}: would be {user['state']} (container {user['container']}, port {user['port']} on "
+            f"{user['bind_address']}, workdir {user['workdir']}{created}, GPUs {user['gpus']}, login by "
+            f"{user['auth']}, image {user['image']})"
+        )
+    return lines
+
+
 class FilterModule:
     def filters(self):
         return {
             "notebook_access_sheet": notebook_access_sheet,
             "notebook_summary": notebook_summary,
+            "notebook_preview": notebook_preview,
         }

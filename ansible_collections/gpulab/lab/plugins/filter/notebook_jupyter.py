@@ -26,6 +26,11 @@ CONFIG_MOUNT = "/etc/gpulab-notebook"
 # instead of jupyter_notebook_config / jupyter_server_config from its config path; the student's own ~/.jupyter
 # cannot override it.
 CONFIG_FILE = "gpulab_jupyter_config.json"
+# ... and its Python sibling (the role's files/gpulab_jupyter_config.py, no secret in it), which Jupyter reads with it:
+# traitlets loads <name>.py and <name>.json of a config name. For every flavour, it hides the token in every log line
+# (Notebook 6 logs the browser's first request, GET /?token=..., and docker logs shows the log to the docker group)
+# and keeps Jupyter's runtime files (the token, the kernels' keys) in the container, out of the workdir.
+LOG_FILTER_FILE = "gpulab_jupyter_config.py"
 
 FLAVOURS = ("notebook6", "jupyter_server1", "jupyter_server2")
 FRONTENDS = ("notebook", "lab")
@@ -174,6 +179,7 @@ def notebook_commands(plan_users, flavours, images=None, python="python3"):
             continue
         image_python = ((images or {}).get(user["image"]) or {}).get("python") or python
         config_file = CONFIG_FILE
+        user["log_filter_file"] = LOG_FILTER_FILE
         module = "jupyterlab" if user["frontend"] == "lab" else "notebook"
         command = [image_python, "-m", module, "--no-browser", "--ip=0.0.0.0", f"--port={CONTAINER_PORT}"]
         command += ["--allow-root", f"--notebook-dir={user['container_workdir']}"]
@@ -195,18 +201,10 @@ def notebook_jupyter_config(users, user, seed):
         hashed = password_hash(str(entry["password"]), f"{seed}\0{user['name']}")
     required = entry.get("auth", "required") != "none"
     flavour = user["flavour"]
-    if flavour == "notebook6":
+    if flavour in ("notebook6", "jupyter_server1"):  # the same keys, in NotebookApp and in ServerApp
+        app = "NotebookApp" if flavour == "notebook6" else "ServerApp"
         config = {
-            "NotebookApp": {
-                "token": token,
-                "password": hashed,
-                "password_required": required and bool(hashed),
-                "allow_password_change": False,
-            }
-        }
-    elif flavour == "jupyter_server1":
-        config = {
-            "ServerApp": {
+            app: {
                 "token": token,
                 "password": hashed,
                 "password_required": required and bool(hashed),

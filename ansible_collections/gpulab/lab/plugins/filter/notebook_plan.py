@@ -32,6 +32,7 @@ from ansible_collections.gpulab.lab.plugins.filter.notebook_server import (
     LIMITS,
     as_int,
     check_containers,
+    filesystem_of,
     gpu_requests,
     is_loopback,
     keep_restored_images,
@@ -75,6 +76,11 @@ ENV_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 SYSTEM_PREFIXES = ("/bin", "/boot", "/dev", "/etc", "/lib", "/lib32", "/lib64", "/libx32", "/proc", "/root", "/run")
 SYSTEM_PREFIXES += ("/sbin", "/sys", "/usr")
 # ... and "/", every top-level folder (/home, /srv, /data, ...) and every folder directly in /var (/var/lib, ...).
+# Folders the server empties (at boot, or of files left unused for some days), and file systems that live in memory:
+# a workdir there would lose the student's files.
+TEMPORARY_FOLDERS = ("/tmp", "/var/tmp", "/run", "/dev/shm")  # noqa: S108 (paths refused)
+MEMORY_FILE_SYSTEMS = ("tmpfs", "ramfs")
+SSH_USER_RE = re.compile(r"^[A-Za-z0-9._][A-Za-z0-9._@-]*$")
 
 
 def _has(entry, key):
@@ -92,7 +98,7 @@ def notebook_plan(users, settings):
     gpu (gpu_facts' gpulab_gpu), accounts ({name: [password, uid, gid, ...]} as getent passwd gives it),
     paths ({path: {"exists": bool, "isdir": bool}}, or the role's list of stat results),
     containers (docker's /containers/json entries, all states), listeners (["address:port", ...] of listening TCP
-    sockets), nproc (the server's CPUs).
+    sockets), mounts ({mount point: file system type}, notebook_mounts), nproc (the server's CPUs).
 
     Each returned user holds no secret; the users come in the order to apply them: absent, then stopped, then
     started (so that ports and GPUs are freed before they are taken).
@@ -120,7 +126,7 @@ def notebook_plan(users, settings):
     errors.extend(check_containers(planned, settings))
     keep_restored_images(planned, settings)
     order = {"absent": 0, "stopped": 1, "started": 2}
-    result = [user for _, _, user in sorted(planned, key=lambda p: (order[p[2]["state"]], p[0]))]
+    result = [user for _position, _where, user in sorted(planned, key=lambda p: (order[p[2]["state"]], p[0]))]
     return {"users": result, "errors": errors}
 
 
@@ -134,7 +140,7 @@ def _plan_entry(entry, where, settings):
     if not isinstance(name, str) or not NAME_RE.match(name):
         errors.append(
             f"{where}: the name must be 1 to 32 characters of a-z, 0-9, _ and -, starting with a letter or _ "
-            "(like a Linux user name); it names the container and the user's folders"
+            f"(like a Linux user name), not {name!r}; it names the container and the user's folders"
         )
         return None, errors
     state = entry.get("state") or "started"
@@ -177,6 +183,13 @@ def _plan_port(entry, user, settings):
 
 def _secret_format_errors(entry):
     errors = []
+    for key in SECRET_KEYS:
+        if key in entry and entry[key] in (None, ""):
+            value = "null" if entry[key] is None else "''"
+            errors.append(
+                f"{key} is {value} (empty): give the {key.replace('_', ' ')} or leave the key out (an empty value is "
+                "often a Vault variable that is not set)"
+            )
     if _has(entry, "token") and (not isinstance(entry["token"], str) or not TOKEN_RE.match(entry["token"])):
         errors.append(
             "the token must be at least 16 characters of A-Z, a-z, 0-9, '.', '_', '~' and '-' (it goes into a URL), "
@@ -215,7 +228,7 @@ def _plan_auth(entry, user, _settings):
         return errors
     kinds = [kind for kind, on in (("token", has_token), ("password", has_password)) if on]
     user["auth"] = " and ".join(kinds) or "missing"
-    if not kinds:
+    if not kinds and not any(key in entry for key in SECRET_KEYS):  # an empty one is reported above
         errors.append(
             "no token and no password: give token (a long random string, e.g. openssl rand -hex 24), password or "
             "password_hash (from Ansible Vault); only with a loopback bind address may an entry opt out with auth: none"
@@ -252,7 +265,11 @@ def _plan_owner(entry, user, settings):
             "uid and gid 0 (root) are refused: the notebook would write its files as root on the host; give the "
             "student's uid and gid"
         )
-    user.update(uid=uid, gid=gid, user=f"{uid}:{gid}", ssh_user=entry.get("ssh_user") or user["name"])
+    ssh_user = entry.get("ssh_user")
+    if ssh_user is not None and not (isinstance(ssh_user, str) and SSH_USER_RE.match(ssh_user)):
+        errors.append(f"ssh_user must be the student's SSH login name, not {ssh_user!r}")
+        ssh_user = None
+    user.update(uid=uid, gid=gid, user=f"{uid}:{gid}", ssh_user=ssh_user or user["name"])
     return errors
 
 
@@ -267,11 +284,7 @@ def _plan_folders(entry, user, settings):
         workdir = None
     else:
         workdir = posixpath.normpath(workdir)
-        if _system_folder(workdir):
-            errors.append(
-                f"workdir {workdir} is a system or top-level folder; the role makes the workdir the student's, so "
-                "give a folder of its own, e.g. /srv/notebooks/<name>"
-            )
+        errors.extend(_workdir_place_errors(workdir, user["name"], settings))
         info = (settings.get("paths") or {}).get(workdir) or {}
         if info.get("exists") and not info.get("isdir"):
             errors.append(f"workdir {workdir} exists on the server and is not a folder")
@@ -282,14 +295,39 @@ def _plan_folders(entry, user, settings):
     container_workdir = posixpath.normpath(container_workdir)
     if container_workdir == "/" or (container_workdir + "/").startswith(CONFIG_MOUNT + "/"):
         errors.append(f"container_workdir {container_workdir} would hide a folder the notebook needs")
-    parent = (settings.get("paths") or {}).get(posixpath.dirname(workdir)) if workdir else None
+    paths = settings.get("paths") or {}
+    parent = paths.get(posixpath.dirname(workdir)) if workdir else None
     # Unknown (never looked at): taken as there, so that the role never changes an existing folder's owner or mode.
     user.update(workdir=workdir, container_workdir=container_workdir, parent_exists=(parent or {}).get("exists", True))
+    user["workdir_exists"] = bool((paths.get(workdir) or {}).get("exists")) if workdir else False
     user["mounts"] = [
         {"type": "bind", "source": workdir, "target": container_workdir, "read_only": False},
         {"type": "bind", "source": user["config_dir"], "target": CONFIG_MOUNT, "read_only": True},
     ]
     return errors
+
+
+def _workdir_place_errors(workdir, name, settings):
+    """A workdir must be a folder of its own on a disk: not a system folder, not one the server empties."""
+    advice = f"give a folder on a disk, e.g. /srv/notebooks/{name}"
+    temporary = next((top for top in TEMPORARY_FOLDERS if workdir == top or workdir.startswith(top + "/")), None)
+    if temporary:
+        return [
+            f"workdir {workdir} is under {temporary}, which the server empties (at boot, or of files left unused for "
+            f"days): the student's files would be lost; {advice}"
+        ]
+    if _system_folder(workdir):
+        return [
+            f"workdir {workdir} is a system or top-level folder; the role makes the workdir the student's, so "
+            f"give a folder of its own, e.g. /srv/notebooks/{name}"
+        ]
+    mount_point, fstype = filesystem_of(workdir, settings.get("mounts"))
+    if fstype in MEMORY_FILE_SYSTEMS:
+        return [
+            f"workdir {workdir} is on a {fstype} ({mount_point}), which the server empties at every boot (it lives in "
+            f"memory): the student's files would be lost; {advice}"
+        ]
+    return []
 
 
 def _system_folder(path):
@@ -359,7 +397,7 @@ def _plan_env(entry, user, _settings):
     errors = []
     env = entry.get("env") or {}
     if not isinstance(env, dict):
-        errors.append("env must be a dictionary of variable names and values")
+        errors.append(f"env must be a dictionary of variable names and values, not {env!r}")
         env = {}
     bad = sorted(str(key) for key in env if not ENV_RE.match(str(key)))
     if bad:
@@ -370,6 +408,11 @@ def _plan_env(entry, user, _settings):
             f"env must not carry {', '.join(secret)}: docker inspect shows the environment; use token or password, "
             "which the role keeps in a file only the notebook reads"
         )
+    if "JUPYTER_RUNTIME_DIR" in env:
+        errors.append(
+            "env must not set JUPYTER_RUNTIME_DIR: the role keeps Jupyter's runtime files (the token, the kernels' "
+            "keys) inside the container, out of the workdir"
+        )
     user["env"] = {"HOME": user["container_workdir"]}
     user["env"].update({str(key): "" if value is None else str(value) for key, value in env.items()})
     return errors
@@ -379,7 +422,7 @@ def _check_together(planned):
     """Errors between entries: names, ports and workdirs used twice."""
     errors = []
     seen_names, seen_ports, seen_workdirs = {}, {}, {}
-    for _, where, user in planned:
+    for _position, where, user in planned:
         if user["name"] in seen_names:
             errors.append(f"{where}: the name {user['name']} is already used by {seen_names[user['name']]}")
         seen_names.setdefault(user["name"], where)

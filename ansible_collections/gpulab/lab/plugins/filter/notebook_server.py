@@ -79,7 +79,7 @@ def keep_restored_images(planned, settings):
     from, the plan keeps the restored image (and the restore label), so that the next run of site.yml does not
     recreate the container from the plain image and lose the student's work. A new image in the inventory wins."""
     by_name = {container_name(c): c for c in settings.get("containers") or []}
-    for _, _, user in planned:
+    for _position, _where, user in planned:
         container = by_name.get(user["container"]) or {}
         labels = container.get("Labels") or {}
         if (
@@ -110,7 +110,7 @@ def _published(container):
 
 def check_containers(planned, settings):
     """Errors against what runs on the server: containers gpulab does not manage, and other listening programs."""
-    wanted = {user["name"]: (where, user) for _, where, user in planned}
+    wanted = {user["name"]: (where, user) for _position, where, user in planned}
     active = [
         (where, user) for where, user in wanted.values() if user["state"] != "absent" and valid_port(user["port"])
     ]
@@ -133,13 +133,13 @@ def check_containers(planned, settings):
             for address, port in _published(container):
                 if port == user["port"] and _overlap(address, user["bind_address"]):
                     errors.append(f"{where}: port {port} is already published by {_owner_text(name, owner)}")
-    published = {port for container in containers for _, port in _published(container)}
+    published = {port for container in containers for _address, port in _published(container)}
     listeners = [str(listener) for listener in settings.get("listeners") or []]
     for where, user in active:
         if user["port"] in published:
             continue  # docker-proxy's own socket of a published port: the containers are checked above
         for listener in listeners:
-            address, _, port_text = listener.rpartition(":")
+            address, _colon, port_text = listener.rpartition(":")
             if as_int(port_text) == user["port"] and _overlap(address.strip("[]"), user["bind_address"]):
                 errors.append(
                     f"{where}: port {user['port']} is in use on the server by a program outside Docker (listening "
@@ -153,8 +153,8 @@ def _owner_text(name, owner):
     if owner is None:
         return f"the container {name}, which gpulab does not manage; choose another port, or stop that container"
     return (
-        f"{name}, gpulab's notebook of {owner}, who is no longer in notebook_users; add {{name: {owner}, state: "
-        "absent}} to remove it, or choose another port"
+        f"{name}, gpulab's notebook of {owner}, who is no longer in notebook_users; add "
+        f"{{name: {owner}, state: absent}} to remove it, or choose another port"
     )
 
 
@@ -180,6 +180,29 @@ def notebook_workdirs(users):
                 if item not in found:
                     found.append(item)
     return found
+
+
+def notebook_mounts(findmnt_output):
+    """{mount point: file system type} from `findmnt --raw --noheadings --output TARGET,FSTYPE` (raw output writes a
+    space in a path as \\x20)."""
+    mounts = {}
+    for line in str(findmnt_output or "").splitlines():
+        fields = line.split()
+        if len(fields) == 2:
+            target = re.sub(r"\\x([0-9a-fA-F]{2})", lambda match: chr(int(match.group(1), 16)), fields[0])
+            mounts[target] = fields[1]
+    return mounts
+
+
+def filesystem_of(path, mounts):
+    """(mount point, file system type) that holds a normalised absolute path, missing or not: the deepest mount point
+    above it. (None, None) when the mounts are unknown."""
+    best = None
+    for target in mounts or {}:
+        inside = path == target or path.startswith(target.rstrip("/") + "/")
+        if inside and (best is None or len(target) > len(best)):
+            best = target
+    return (best, mounts[best]) if best is not None else (None, None)
 
 
 def gpu_requests(spec, gpu_facts):
@@ -221,5 +244,6 @@ class FilterModule:
     def filters(self):
         return {
             "notebook_listeners": notebook_listeners,
+            "notebook_mounts": notebook_mounts,
             "notebook_workdirs": notebook_workdirs,
         }
