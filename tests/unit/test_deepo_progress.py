@@ -121,6 +121,7 @@ def test_the_wait_reports_progress_every_interval(waited):
     rc, output, _ = waited
     assert rc == 0, output[-3000:]
     lines = re.findall(r"Pulling gpulab-test/progress:1: (\w+, layers .*? s elapsed)", " ".join(output.split()))
+    print(f"{len(lines)} progress lines for a {SECONDS} s job; the last: {lines[-1] if lines else None}")
     assert len(lines) >= 0.5 * SECONDS, output[-3000:]  # a line a second where a round takes less (2 cores, loaded)
     assert re.fullmatch(r"downloading, layers \d+ of \d+, \d+ of \d+ MiB, \d+ s elapsed", lines[-1]), lines[-1]
     assert f'job stdout {{"layers": {SECONDS}}}' in output  # the job's own result is the task's
@@ -129,6 +130,7 @@ def test_the_wait_reports_progress_every_interval(waited):
 def test_the_play_runs_the_same_tasks_however_long_the_job_runs(waited):
     _, output, _ = waited
     tasks = re.findall(r"^TASK \[(.*?)\]", output, re.MULTILINE)
+    print(f"{len(tasks)} tasks run")
     assert len(tasks) <= 6, tasks[:20]  # start, the include, the wait, the failure check, the result: not per round
 
 

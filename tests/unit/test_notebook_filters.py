@@ -440,6 +440,7 @@ def test_ansibles_own_argument_check_leaves_notebook_users_to_the_plan(tmp_path)
     spec = yaml.safe_load((ROLE / "meta" / "argument_specs.yml").read_text())["argument_specs"]["main"]["options"]
     entries = with_entry(state="running", port="seventy", auth="maybe", cpus="many", frontend="vscode")
     del entries[2]["name"]
+    entries.append("student4")  # not a dictionary: the plan says which entry
     playbook = tmp_path / "check.yml"
     task = {
         "ansible.builtin.validate_argument_spec": {
