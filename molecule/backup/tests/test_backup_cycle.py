@@ -140,7 +140,7 @@ def test_the_backup_timer_is_set_up(host):
     assert timer.is_enabled
     unit = host.file("/etc/systemd/system/gpulab-backup.service").content_string
     assert "-m ansible_collections.gpulab.lab.plugins.module_utils.backup.cli backup --settings" in unit
-    settings = json.loads(host.file("/etc/gpulab/backup-timer.json").content_string)
+    settings = json.loads(host.file("/usr/local/lib/gpulab/backup-timer.json").content_string)
     assert settings["container"] == ["notebook-student1", "notebook-student2"]
     assert settings["store"] == "/var/backups/gpulab" and settings["keep_last"] == 3
     assert "OnCalendar=*-*-* 03:30:00" in host.file("/etc/systemd/system/gpulab-backup.timer").content_string
