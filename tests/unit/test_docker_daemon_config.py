@@ -1,4 +1,5 @@
-"""Tests of library/docker_daemon_config.py: the pure merge functions, and main() run on real files in tmp_path."""
+"""Tests of module docker_daemon_config: the pure merge functions, the schema of Docker's keys, and main() run on real
+files in tmp_path."""
 
 import json
 import os
@@ -343,6 +344,9 @@ def test_unexpected_error_reports_traceback(tmp_path):
 FAKE_DOCKERD_WITH_VALIDATE = """#!/bin/sh
 echo "$@" >> "$(dirname "$0")/calls.log"
 case "$1" in
+  --version)
+    echo "Docker version 27.5.1, build 4c9b3b0"
+    exit 0 ;;
   --help)
     echo "Usage: dockerd [OPTIONS]"
     echo "      --validate      Validate daemon configuration and exit"
@@ -350,7 +354,7 @@ case "$1" in
   --validate)
     if grep -q '"reject-me"' "$3"; then
       printf '%s %s\n' "unable to configure the Docker daemon with file $3:" \
-        "the following directives don't match any configuration option: reject-me" >&2
+        "invalid bip: reject-me" >&2
       exit 1
     fi
     echo "configuration OK"
@@ -362,6 +366,9 @@ exit 2
 FAKE_DOCKERD_WITHOUT_VALIDATE = """#!/bin/sh
 echo "$@" >> "$(dirname "$0")/calls.log"
 case "$1" in
+  --version)
+    echo "Docker version 20.10.24+dfsg1, build 297e128"
+    exit 0 ;;
   --help)
     echo "Usage: dockerd [OPTIONS]"
     echo "      --config-file string    Daemon configuration file"
@@ -387,9 +394,9 @@ def test_validation_rejects_and_leaves_file_untouched(tmp_path, monkeypatch):
     path = tmp_path / "daemon.json"
     write(path, '{"debug": true}')
     before = snapshot(path)
-    result = run_failing({"path": str(path), "config": {"reject-me": 1}, "validate": True})
+    result = run_failing({"path": str(path), "config": {"bip": "reject-me"}, "validate": True})
     assert "dockerd rejected" in result["msg"]
-    assert "don't match any configuration option: reject-me" in result["msg"]
+    assert "invalid bip: reject-me" in result["msg"]
     assert "untouched" in result["msg"]
     assert snapshot(path) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bin", "daemon.json"], "no backup, no temporary file"
@@ -421,8 +428,122 @@ def test_validation_skipped_when_unchanged(tmp_path, monkeypatch):
 def test_validation_skipped_without_validate_flag(tmp_path, monkeypatch):
     calls = fake_dockerd(tmp_path, monkeypatch, FAKE_DOCKERD_WITHOUT_VALIDATE)
     path = tmp_path / "daemon.json"
-    result = run({"path": str(path), "config": {"reject-me": 1}, "validate": True})
+    result = run({"path": str(path), "config": {"bip": "10.20.0.1/24"}, "validate": True})
     assert result["changed"] is True
     assert result["validated"] is False
-    assert load(path) == {"reject-me": 1}
-    assert calls.read_text(encoding="utf-8").splitlines() == ["--help"]
+    assert result["engine_version"] == "20.10"  # gpulab's schema checked the key, for the installed engine
+    assert load(path) == {"bip": "10.20.0.1/24"}
+    assert calls.read_text(encoding="utf-8").splitlines() == ["--version", "--help"]
+
+
+# --- gpulab's schema of Docker's keys: refused before anything is written, on every engine version ------------------
+
+
+def refused(tmp_path, config, script=None, monkeypatch=None, check_mode=False):
+    """Merge ``config`` with validation into a daemon.json holding the admin's keys; assert that nothing was written
+    (no file changed, no backup, no temporary file) and return the failure."""
+    if script:
+        fake_dockerd(tmp_path, monkeypatch, script)
+    path = tmp_path / "daemon.json"
+    write(path, '{"labels": ["admin"], "admin-plugin-key": 1}')
+    before = snapshot(path)
+    listing = sorted(p.name for p in tmp_path.iterdir())
+    result = run_failing({"path": str(path), "config": config, "validate": True}, check_mode=check_mode)
+    assert snapshot(path) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == listing
+    assert "so it was left untouched" in result["msg"]
+    return result
+
+
+def test_a_value_of_the_wrong_type_is_refused_before_writing(tmp_path):
+    """The issue's case: live-restore "yes-please" on Debian 12's docker.io, which has no dockerd --validate."""
+    result = refused(tmp_path, {"live-restore": "yes-please"})
+    assert result["problems"] == ["'live-restore' must be true or false, not the string \"yes-please\""]
+
+
+def test_every_problem_is_reported_at_once(tmp_path):
+    result = refused(tmp_path, {"live-restore": 1, "log-opts": {"max-file": 3}, "max-concurrent-downloads": -1})
+    assert result["problems"] == [
+        "'live-restore' must be true or false, not the number 1",
+        "'log-opts' must be an object of strings (every value quoted, e.g. \"3\" not 3), not the object"
+        ' {"max-file": 3}',
+        "'max-concurrent-downloads' must be 0 or more, not -1",
+    ]
+
+
+def test_an_unknown_key_is_refused_with_the_nearest_known_key(tmp_path):
+    result = refused(tmp_path, {"live-restor": True, "registry-mirror": ["https://m.example.edu"]})
+    assert "'live-restor' is not a key Docker knows (did you mean 'live-restore'?)" in result["msg"]
+    assert "'registry-mirror' is not a key Docker knows (did you mean 'registry-mirrors'?)" in result["msg"]
+
+
+@pytest.mark.parametrize(
+    ("config", "problem"),
+    [
+        ({"log-level": "verbose"}, "'log-level' must be one of debug, info, warn, error, fatal, not the string"),
+        ({"default-cgroupns-mode": "shared"}, "'default-cgroupns-mode' must be one of private, host"),
+        ({"registry-mirrors": ["mirror.example.edu"]}, "must be a URL starting with http:// or https://"),
+        ({"data-root": "data/docker"}, "'data-root' must be an absolute path, not the string \"data/docker\""),
+        ({"runtimes": {"nvidia": {"path": 7}}}, "'runtimes' must be an object of runtimes"),
+        ({"default-address-pools": [{"base": "10.10.0.0/16", "size": "24"}]}, "'default-address-pools' must be"),
+        ({"features": {"buildkit": "yes"}}, "'features' must be an object of true/false values"),
+        ({"dns": "1.1.1.1"}, "'dns' must be a list of strings, not the string"),
+    ],
+    ids=["choice", "cgroupns", "mirror-url", "relative-path", "runtime-path", "pool-size", "features", "dns-string"],
+)
+def test_values_docker_would_not_start_with_are_refused(tmp_path, config, problem):
+    assert problem in refused(tmp_path, config)["msg"]
+
+
+def test_keys_are_checked_against_the_installed_engines_version(tmp_path, monkeypatch):
+    """log-format came with Docker 25: refused on docker.io 20.10, taken by Docker 27."""
+    result = refused(tmp_path, {"log-format": "json"}, FAKE_DOCKERD_WITHOUT_VALIDATE, monkeypatch)
+    assert "'log-format' needs Docker 25.0 or later; this server runs 20.10" in result["msg"]
+    assert result["engine_version"] == "20.10"
+    newer = tmp_path / "newer"
+    newer.mkdir()
+    monkeypatch.setenv("PATH", os.environ["PATH"].split(os.pathsep, 1)[1])
+    fake_dockerd(newer, monkeypatch, FAKE_DOCKERD_WITH_VALIDATE)
+    accepted = run({"path": str(newer / "daemon.json"), "config": {"log-format": "json"}, "validate": True})
+    assert accepted["changed"] is True
+    assert accepted["engine_version"] == "27.5"
+    assert accepted["validated"] is True  # and dockerd --validate took it too
+
+
+def test_keys_removed_from_docker_are_refused_on_newer_engines(tmp_path, monkeypatch):
+    result = refused(tmp_path, {"graph": "/data/docker"}, FAKE_DOCKERD_WITH_VALIDATE, monkeypatch)
+    assert "'graph' was removed in Docker 23.0; this server runs 27.5" in result["msg"]
+
+
+def test_check_mode_refuses_too(tmp_path):
+    """A preview (role docker's preflight runs the module in check mode) finds the problem before any change."""
+    refused(tmp_path, {"live-restore": "yes-please"}, check_mode=True)
+
+
+def test_keys_left_as_they_are_are_not_checked(tmp_path):
+    """The admin's key that the schema does not know stays: the running engine took it; only written keys count."""
+    path = tmp_path / "daemon.json"
+    write(path, '{"labels": ["admin"], "admin-plugin-key": 1}')
+    result = run({"path": str(path), "config": {"live-restore": True}, "validate": True})
+    assert result["changed"] is True
+    assert load(path) == {"labels": ["admin"], "admin-plugin-key": 1, "live-restore": True}
+
+
+def test_gpulab_defaults_and_the_nvidia_runtime_pass_the_schema():
+    """What gpulab's roles write must pass on the oldest engine they support."""
+    config = {
+        "live-restore": True,
+        "log-driver": "json-file",
+        "log-opts": {"max-size": "100m", "max-file": "3"},
+        "runtimes": {"nvidia": {"path": "nvidia-container-runtime", "args": []}},
+        "default-runtime": "nvidia",
+        "registry-mirrors": ["http://127.0.0.1:5000"],
+    }
+    assert ddc.schema_problems(config, list(config), (20, 10)) == []
+
+
+def test_the_previous_content_is_returned_for_a_rollback(tmp_path):
+    path = tmp_path / "daemon.json"
+    assert run({"path": str(path), "config": {"debug": True}})["previous_content"] is None
+    text = path.read_text(encoding="utf-8")
+    assert run({"path": str(path), "config": {"debug": False}})["previous_content"] == text

@@ -80,7 +80,7 @@ def test_site_yml_wrote_daemon_json_once_and_restarted_docker_once(host):
     journal = host.check_output(f"journalctl --unit docker.service --since @{since} --output cat")
     starts = re.findall(r"(?m)^Starting (?:docker\.service - )?Docker Application Container Engine", journal)
     assert len(starts) == 1, journal[-3000:]
-    written = host.check_output(f"find /etc/docker -maxdepth 1 -name 'daemon.json.*~' -newermt @{since}").split()
+    written = host.check_output(f"find /etc/docker -maxdepth 1 -name 'daemon.json.*~' -newerct @{since}").split()
     assert len(written) == 1, written  # one backup: the file was written once (backup: true keeps each old version)
     data = daemon_json(host)
     assert data["default-runtime"] == "nvidia" and data["live-restore"] is True
