@@ -103,3 +103,4 @@ def test_demo_from_a_fresh_clone_ends_in_a_notebook_reached_through_the_ssh_tunn
     assert not port_answers(port)
     gone = subprocess.run(["docker", "inspect", "gpulab-demo-server"], capture_output=True, check=False)
     assert gone.returncode != 0
+    shutil.rmtree(clone)  # with the student's key and token (a failed run keeps them, for a look)
