@@ -3,7 +3,9 @@
 
 """One backup of one container (BackupJob): what there is (inspect), which path it takes and why, what it would do
 (plan, check mode), and the run into the store: lock, leftovers of a killed run, the container read by one of the
-sources, its bind mounts archived, the manifest written last, retention. Its report is a BackupReport.
+sources, its bind mounts archived, the manifest written last, retention. Its report is a BackupReport. A run that fails
+or is stopped (Stopped) leaves the store as it found it: what it paused thawed, its temporary files removed, no
+manifest; an OSError is told as a BackupError with its path and, on a full disk, the space needed.
 
 BackupJob takes the options of container_backup by their names (options.py declares them); the path is chosen here,
 the reading is the sources' (sources.py), one docker load-able tar is archive.py's. Never restores anything.
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -29,6 +32,7 @@ from ansible_collections.gpulab.lab.plugins.module_utils.backup.common import (
     check_name,
     new_backup_id,
     now_utc,
+    os_error_text,
     sha256_of,
 )
 from ansible_collections.gpulab.lab.plugins.module_utils.backup.mounts import archive_mount, plan_mounts
@@ -266,54 +270,89 @@ class BackupJob:
 
     def _run_store(self):
         store = Store(self.store_path, create=True)
-        store.create()
+        try:
+            store.create()
+        except OSError as e:
+            raise BackupError(f"the backup store cannot be made: {os_error_text(e, store.path)}") from e
         with store.lock(exclusive=True, progress=self.progress):
-            sources.unpause_after_a_killed_run(self.container, store)
-            cleaned = store.clean_tmp()
-            if cleaned:
-                self.container.notices.append(
-                    f"removed {len(cleaned)} temporary file(s) an interrupted backup left in the store"
-                )
-            known = store.blob_index()
-            index = (known, store.layer_index())
-            previous = self._previous_mounts(store)
-            backup_id = new_backup_id()
-            archived = []
+            try:
+                return self._store_run(store)
+            except OSError as e:
+                self._tidy(store)
+                where = os_error_text(e, store.path)
+                raise BackupError(f"the backup of {self.name} failed while {self.progress.phase}: {where}") from e
+            except BaseException:
+                self._tidy(store)
+                raise
 
-            def archive_mounts():
-                archived.extend(self._archive_mounts(store, previous, known))
+    def _tidy(self, store):
+        """After a failed or stopped run, with the lock still held: thaw what it left paused (the markers) and remove
+        its temporary files. A marker whose container cannot be thawed is kept, for the next run or the timer's thaw."""
+        try:
+            sources.thaw_marked(self.engine, store)
+            store.clean_tmp()
+        except (OSError, BackupError, api.DockerApiError) as e:
+            self.container.notices.append(f"the store's tmp/ could not be tidied after the failure: {e}")
 
-            read = self._read(store, index, backup_id, archive_mounts)
-            mounts = [done.entry for done in archived]
-            config_bytes = redact_config(read.config, set(self.secrets))
-            manifest = self._manifest(backup_id, config_bytes, read.layers, read.committed_id, mounts)
-            self.progress.set("writing the manifest")
-            path, size = store.write_manifest(manifest)
-            self.progress.set("retention")
-            retention = store.retention(self.name, self.keep_last)
-            self.container.notices.extend(retention.warnings)
-            report = self._report()
-            return dataclasses.replace(
-                report,
-                backup_id=backup_id,
-                manifest=path,
-                image_id=manifest["image"]["id"],
-                layer_count=len(read.layers),
-                layers_new=sum(1 for layer in read.layers if layer["new"]),
-                layers_reused=sum(1 for layer in read.layers if not layer["new"]),
-                base_image_stored=read.base_image_stored,
-                chunks_new=read.chunks_new,
-                chunks_reused=read.chunks_reused,
-                paused_seconds=read.paused_seconds,
-                removed_backups=retention.removed,
-                removed_blobs=retention.blobs,
-                bytes_freed=retention.freed,
-                mounts=[{k: m[k] for k in ("source", "destination", "kind", "size", "reused")} for m in mounts],
-                store_bytes=store.disk_usage(),
-                bytes_read=read.bytes_read + sum(done.read for done in archived),
-                bytes_written=read.bytes_written + sum(done.written for done in archived) + size,
-                bytes_discarded=read.bytes_discarded,
+    def _write_manifest(self, store, manifest):
+        """The manifest, written last; an OSError (a full disk) names the manifest and the space it needs."""
+        self.progress.set("writing the manifest")
+        try:
+            return store.write_manifest(manifest)
+        except OSError as e:
+            final = store.manifest_path(self.name, manifest["id"])
+            needed = len(json.dumps(manifest, indent=1, sort_keys=True)) + 1
+            raise BackupError(
+                f"the backup of {self.name} was not kept: its manifest {final} could not be written (through "
+                f"{store.tmp}): {os_error_text(e, store.tmp, needed)}. The backups before it are intact"
+            ) from e
+
+    def _store_run(self, store):
+        sources.unpause_after_a_killed_run(self.container, store)
+        cleaned = store.clean_tmp()
+        if cleaned:
+            self.container.notices.append(
+                f"removed {len(cleaned)} temporary file(s) an interrupted backup left in the store"
             )
+        known = store.blob_index()
+        index = (known, store.layer_index())
+        previous = self._previous_mounts(store)
+        backup_id = new_backup_id()
+        archived = []
+
+        def archive_mounts():
+            archived.extend(self._archive_mounts(store, previous, known))
+
+        read = self._read(store, index, backup_id, archive_mounts)
+        mounts = [done.entry for done in archived]
+        config_bytes = redact_config(read.config, set(self.secrets))
+        manifest = self._manifest(backup_id, config_bytes, read.layers, read.committed_id, mounts)
+        path, size = self._write_manifest(store, manifest)
+        self.progress.set("retention")
+        retention = store.retention(self.name, self.keep_last)
+        self.container.notices.extend(retention.warnings)
+        report = self._report()
+        return dataclasses.replace(
+            report,
+            backup_id=backup_id,
+            manifest=path,
+            image_id=manifest["image"]["id"],
+            layer_count=len(read.layers),
+            layers_new=sum(1 for layer in read.layers if layer["new"]),
+            layers_reused=sum(1 for layer in read.layers if not layer["new"]),
+            base_image_stored=read.base_image_stored,
+            chunks_new=read.chunks_new,
+            chunks_reused=read.chunks_reused,
+            paused_seconds=read.paused_seconds,
+            removed_backups=retention.removed,
+            removed_blobs=retention.blobs,
+            bytes_freed=retention.freed,
+            mounts=[{k: m[k] for k in ("source", "destination", "kind", "size", "reused")} for m in mounts],
+            store_bytes=store.disk_usage(),
+            bytes_read=read.bytes_read + sum(done.read for done in archived),
+            bytes_written=read.bytes_written + sum(done.written for done in archived) + size,
+            bytes_discarded=read.bytes_discarded,
+        )
 
     def _manifest(self, backup_id, config_bytes, layers, source_id, mounts):
         settings = self.container.settings

@@ -21,6 +21,7 @@ from ansible_collections.gpulab.lab.plugins.module_utils.backup.common import (
     CHUNK,
     DEFAULT_LEVEL,
     BackupError,
+    os_error_text,
     sha256_of,
 )
 from ansible_collections.gpulab.lab.plugins.module_utils.backup.overlay import MemberChunker
@@ -96,7 +97,10 @@ class BlobWriter:
             write_all(self.proc.stdin, data)
         except BrokenPipeError as e:
             self.thread.join()
-            raise BackupError(f"writing a blob to {self.store.tmp} failed: {self.error or 'zstd stopped'}") from e
+            raise BackupError(f"writing a blob to {self.store.tmp} failed: {self._why('zstd stopped')}") from e
+
+    def _why(self, otherwise):
+        return os_error_text(self.error, self.tmp) if self.error else otherwise
 
     def finish(self):
         """Wait for zstd and the file; returns {digest, size, stored_digest, stored_size}."""
@@ -105,7 +109,7 @@ class BlobWriter:
         err = self.proc.stderr.read().decode(errors="replace").strip()
         rc = self.proc.wait()
         if self.error or rc != 0:
-            raise BackupError(f"writing a blob to {self.store.tmp} failed: {self.error or err or f'zstd exit {rc}'}")
+            raise BackupError(f"writing a blob to {self.store.tmp} failed: {self._why(err or f'zstd exit {rc}')}")
         os.fsync(self.fd)
         os.close(self.fd)
         self.fd = None
@@ -194,7 +198,7 @@ class ChunkedLayerWriter:
         try:
             fd, path = self.store.tmp_file("chunk-")
         except OSError as e:
-            raise BackupError(f"a chunk cannot be written to {self.store.tmp}: {e}") from e
+            raise BackupError(f"a chunk cannot be written: {os_error_text(e, self.store.tmp, len(data))}") from e
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
@@ -202,7 +206,7 @@ class ChunkedLayerWriter:
             with contextlib.suppress(OSError):
                 os.unlink(path)
             if isinstance(e, OSError):  # the store's disk, not the container's files: not a reason to fall back
-                raise BackupError(f"a chunk cannot be written to {self.store.tmp}: {e}") from e
+                raise BackupError(f"a chunk cannot be written: {os_error_text(e, path, len(data))}") from e
             raise
         self.new[digest] = (len(data), path)
         self.chunks_new += 1

@@ -3,31 +3,48 @@
 
 """The backup's command line, which the systemd timer of role backup runs without Ansible:
 
-    python3 -m ansible_collections.gpulab.lab.plugins.module_utils.backup.cli backup --settings FILE
+    python3 -m ansible_collections.gpulab.lab.plugins.module_utils.backup.cli backup --settings FILE [--notebooks]
     ... backup --store DIR --container NAME [--container NAME...] [--keep-last N] [--no-include-workdir] ...
+    ... thaw --settings FILE     (the unit's ExecStopPost: what a killed backup left paused, and its partial files)
     ... restore --store DIR --container NAME [--backup ID] [--verify-only] ...
     ... list --store DIR [--container NAME]
 
 Its flags are the options of container_backup and container_restore (options.py), and a settings file holds them by
-their names. A backup prints one JSON result per container and line; errors go to stderr, and the exit status is 1
-when any container failed. Parses and prints only: the work is BackupJob's and RestoreJob's.
+their names. --notebooks: also every notebook container role notebook made (label io.gpulab.notebook.user), asked of
+the engine when the command runs. A backup prints one JSON result per container and line; errors go to stderr as one
+line each (never a traceback), every container is attempted, and the exit status is 1 when any container was not
+backed up (the last line names them). SIGTERM and SIGINT (`systemctl stop`) stop it cleanly: what it paused is thawed
+and its partial files removed, and it exits with 128 + the signal's number. Parses and prints only: the work is
+BackupJob's and RestoreJob's.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import json
+import os
+import signal
 import sys
 
-from ansible_collections.gpulab.lab.plugins.module_utils.backup import options
+from ansible_collections.gpulab.lab.plugins.module_utils import docker_api as api
+from ansible_collections.gpulab.lab.plugins.module_utils.backup import options, sources
 from ansible_collections.gpulab.lab.plugins.module_utils.backup.backup import BackupJob
-from ansible_collections.gpulab.lab.plugins.module_utils.backup.common import BackupError, check_name
+from ansible_collections.gpulab.lab.plugins.module_utils.backup.common import (
+    BackupError,
+    Stopped,
+    check_name,
+    os_error_text,
+)
 from ansible_collections.gpulab.lab.plugins.module_utils.backup.restore import RestoreJob
 from ansible_collections.gpulab.lab.plugins.module_utils.backup.store import Store, manifest_blobs
-from ansible_collections.gpulab.lab.plugins.module_utils.docker_api import DockerApiError
 
 PROG = "python3 -m ansible_collections.gpulab.lab.plugins.module_utils.backup.cli"
-COMMANDS = {"backup": options.BACKUP, "restore": options.RESTORE}
+# thaw reads the backup's flags and settings file (it needs the store and the engine of the timer's backup).
+COMMANDS = {"backup": options.BACKUP, "thaw": options.BACKUP, "restore": options.RESTORE}
+NOTEBOOK_LABEL = "io.gpulab.notebook.user"  # role notebook's label of a student's notebook container
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 def out(line, stream=None):
@@ -35,6 +52,10 @@ def out(line, stream=None):
     stream = stream or sys.stdout
     stream.write(line + "\n")
     stream.flush()
+
+
+def err(line):
+    out(f"gpulab_backup: {line}", sys.stderr)
 
 
 def list_store(store_path, container=None):
@@ -57,13 +78,73 @@ def list_store(store_path, container=None):
     return {"store": store.path, "backups": out, "store_bytes": store.disk_usage()}
 
 
+def notebooks(engine):
+    """The names of the notebook containers role notebook made (running or not), as the engine has them now."""
+    path = api.query("/containers/json", all="1", filters=json.dumps({"label": [NOTEBOOK_LABEL]}))
+    return sorted(c["Names"][0].lstrip("/") for c in engine.json("GET", path) or [] if c.get("Names"))
+
+
+def thaw(store_path, engine):
+    """What backups that are gone (killed) left in the store: the containers they paused are unpaused (their markers)
+    and their temporary files removed. A backup holding the store's lock has thawed them at its start (it is left
+    alone); under restores (a shared lock) the containers are thawed and tmp/ is left to the next backup."""
+    if not os.path.isdir(os.path.join(store_path, "tmp")):
+        return {"store": store_path, "thawed": [], "removed": [], "msg": "the store has no tmp/: nothing to thaw"}
+    store = Store(store_path)
+    fd = os.open(store.lock_file, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        for mode in (fcntl.LOCK_EX, fcntl.LOCK_SH):
+            with contextlib.suppress(BlockingIOError):
+                fcntl.flock(fd, mode | fcntl.LOCK_NB)
+                thawed = sources.thaw_marked(engine, store)
+                removed = store.clean_tmp() if mode == fcntl.LOCK_EX else []
+                return {"store": store.path, "thawed": thawed, "removed": removed}
+        return {"store": store.path, "thawed": [], "removed": [], "msg": "a backup holds the store: it thawed it"}
+    finally:
+        os.close(fd)  # releases the lock
+
+
+class StopSignals:
+    """While in the with block, SIGTERM and SIGINT raise Stopped in the main thread, once: a second signal, during
+    the cleanup the first one started, is noted and ignored. received: the first signal's number."""
+
+    def __init__(self):
+        self.received = None
+        self._previous = {}
+
+    def _handler(self, signum, _frame):
+        if self.received is None:
+            self.received = signum
+            raise Stopped(signal.Signals(signum).name)
+
+    def __enter__(self):
+        for signum in STOP_SIGNALS:
+            self._previous[signum] = signal.signal(signum, self._handler)
+        return self
+
+    def __exit__(self, *exc):
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        return False
+
+
 def parser():
     top = argparse.ArgumentParser(prog=PROG, description="gpulab's container backups (container_backup/restore)")
     sub = top.add_subparsers(dest="command", required=True)
-    helps = {"backup": "back up containers into the store (one JSON result per line)", "restore": "restore a container"}
+    helps = {
+        "backup": "back up containers into the store (one JSON result per line)",
+        "thaw": "thaw what a killed backup left paused and remove its partial files (the unit's ExecStopPost)",
+        "restore": "restore a container",
+    }
     for command, table in COMMANDS.items():
         p = sub.add_parser(command, help=helps[command])
-        options.add_options(p, table)
+        options.add_options(p, table, optional=("container",) if table is options.BACKUP else ())
+        if command == "backup":
+            p.add_argument(
+                "--notebooks",
+                action="store_true",
+                help=f"also back up every notebook container (label {NOTEBOOK_LABEL}), as the engine has them now",
+            )
     listing = sub.add_parser("list", help="list the backups in the store")
     listing.add_argument("--store", required=True)
     listing.add_argument("--container")
@@ -78,29 +159,78 @@ def parse(argv):
     return parser().parse_args(argv)
 
 
-def main(argv=None):
-    try:
-        args = parse(argv)
-        if args.command == "list":
-            out(json.dumps(list_store(args.store, args.container), indent=1))
+def unexpected(e):
+    """An error gpulab did not foresee, in one line (the admin gets no traceback): its type and words."""
+    if isinstance(e, OSError):
+        return os_error_text(e)
+    return f"unexpected error ({type(e).__name__}: {e}); please report it to gpulab's developers"
+
+
+def backup_all(args, params):
+    """Each container backed up in turn, every one attempted; returns the exit status."""
+    names = list(params.pop("container") or [])
+    if args.notebooks:
+        engine = api.Engine(params["docker_host"], params["timeout"] or None)
+        names += [n for n in notebooks(engine) if n not in names]
+    if not names:
+        if args.notebooks:
+            err(f"no notebook container (label {NOTEBOOK_LABEL}) on the engine: nothing to back up")
             return 0
-        if args.command == "restore":
-            params = options.params_of(args, options.RESTORE)
-            out(json.dumps(RestoreJob(**params).run(), indent=1))
-            return 0
-        params = options.params_of(args, options.BACKUP, required_if=options.BACKUP_REQUIRED_IF)
-    except (BackupError, DockerApiError) as e:
-        out(f"gpulab_backup: {e}", sys.stderr)
-        return 1
-    failed = 0
-    for container in params.pop("container"):
+        raise BackupError("no container to back up: give --container NAME (several times) or --notebooks")
+    failed = []
+    for number, container in enumerate(names):
         try:
             result = BackupJob(container=container, **params).run()
             out(json.dumps(result, sort_keys=True))
-        except (BackupError, DockerApiError) as e:
-            out(f"gpulab_backup: backup of {container} failed: {e}", sys.stderr)
-            failed += 1
+        except (BackupError, api.DockerApiError) as e:
+            err(f"backup of {container} failed: {e}")
+            failed.append(container)
+        except Stopped as e:
+            err(
+                f"stopped ({e.signame}) during the backup of {container}: what it paused was thawed and its "
+                "partial files removed; its earlier backups are intact"
+            )
+            failed += names[number:]
+            err(f"{len(failed)} of {len(names)} container(s) not backed up: {', '.join(failed)}")
+            e.told = True
+            raise
+        except Exception as e:  # any other container is still attempted
+            err(f"backup of {container} failed: {unexpected(e)}")
+            failed.append(container)
+    if failed:
+        err(f"{len(failed)} of {len(names)} container(s) not backed up: {', '.join(failed)}")
     return 1 if failed else 0
+
+
+def run(args):
+    if args.command == "list":
+        out(json.dumps(list_store(args.store, args.container), indent=1))
+        return 0
+    if args.command == "restore":
+        params = options.params_of(args, options.RESTORE)
+        out(json.dumps(RestoreJob(**params).run(), indent=1))
+        return 0
+    params = options.params_of(args, options.BACKUP, required_if=options.BACKUP_REQUIRED_IF)
+    if args.command == "thaw":
+        engine = api.Engine(params["docker_host"], params["timeout"] or None)
+        out(json.dumps(thaw(params["store"], engine), sort_keys=True))
+        return 0
+    return backup_all(args, params)
+
+
+def main(argv=None):
+    with StopSignals() as signals:
+        try:
+            return run(parse(argv))
+        except (BackupError, api.DockerApiError) as e:
+            err(str(e))
+        except Stopped as e:
+            if not e.told:
+                err(f"stopped ({e.signame}) before it finished")
+            return 128 + signals.received
+        except Exception as e:
+            err(unexpected(e))
+    return 1
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 # Copyright (c) gpulab developers
 # SPDX-License-Identifier: MIT
 
-"""The vocabulary every part of the backup shares: its error, the store's format name, names and digests, backup ids
-and tags, and the progress record an async caller reads.
+"""The vocabulary every part of the backup shares: its errors (BackupError, Stopped, an OSError told with its path and
+the free space), the store's format name, names and digests, backup ids and tags, and the progress record an async
+caller reads.
 
 Nothing here reads the store, a stream or the engine. Standard library only.
 """
@@ -10,9 +11,11 @@ Nothing here reads the store, a stream or the engine. Standard library only.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import re
+import shutil
 import time
 
 from ansible_collections.gpulab.lab.plugins.module_utils.docker_api import ProgressFile
@@ -32,6 +35,52 @@ VERIFY_MODES = ("content", "full", "stored")
 
 class BackupError(Exception):
     """A backup, restore or archive gpulab refuses or could not do, with a message the user can act on."""
+
+
+class Stopped(BaseException):  # like KeyboardInterrupt: no `except Exception` takes it
+    """The run was asked to stop (SIGTERM, SIGINT: `systemctl stop`); raised in the main thread by the command line's
+    signal handler, so that every `with` and `finally` on the way out thaws and removes what it made."""
+
+    def __init__(self, signame):
+        super().__init__(signame)
+        self.signame = signame
+        self.told = False  # the command line has said what was stopped
+
+
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def size_text(size):
+    """1536 -> '1.5 KiB'."""
+    value = float(size)
+    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{int(value)} bytes" if unit == "bytes" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{size} bytes"  # not reached
+
+
+def free_bytes(path):
+    """Free bytes on the disk of path (or of its nearest existing parent); None when that cannot be asked."""
+    path = os.path.abspath(path)
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return None
+
+
+def os_error_text(e, path=None, needed=None):
+    """An OSError as the admin can act on it: its reason, the path (the error's own, else path), and on a full disk
+    the space free there and, when known, the space needed (bytes)."""
+    where = getattr(e, "filename", None) or path
+    text = (e.strerror or str(e)) + (f": {where}" if where else "")
+    if e.errno in DISK_FULL and where:
+        free = free_bytes(where)
+        wants = f"; free at least {size_text(needed)} more" if needed else "; free space there"
+        text += f" ({size_text(free) if free is not None else 'unknown'} free on that disk{wants})"
+    return text
 
 
 def now_utc():

@@ -11,18 +11,21 @@ from __future__ import annotations
 
 import traceback
 
-from ansible_collections.gpulab.lab.plugins.module_utils.backup.common import BackupError
+from ansible_collections.gpulab.lab.plugins.module_utils.backup.common import BackupError, os_error_text
 from ansible_collections.gpulab.lab.plugins.module_utils.docker_api import DockerApiError
 
 
 def run_job(module, doing, call):
-    """exit_json with call()'s result; fail_json with the message of a BackupError or DockerApiError, or with the
-    traceback of anything else. doing: the verb of the unexpected error's message ("backing up")."""
+    """exit_json with call()'s result; fail_json with the message of a BackupError or DockerApiError, an OSError's
+    reason with its path (and on a full disk the space free there), or the traceback of anything else. doing: the
+    verb of the error's message ("backing up")."""
     container = module.params["container"]
     try:
         result = call()
     except (BackupError, DockerApiError) as e:
         module.fail_json(msg=str(e), container=container)
+    except OSError as e:
+        module.fail_json(msg=f"Error {doing} {container}: {os_error_text(e)}", container=container)
     except Exception as e:
         module.fail_json(msg=f"Unexpected error {doing} {container}: {e}", exception=traceback.format_exc())
     # Shown as Ansible warnings, and returned as notices (a module's own "warnings" key is deprecated in ansible-core).

@@ -122,9 +122,10 @@ def flag(name):
     return "--" + name.replace("_", "-")
 
 
-def add_options(parser, options):
+def add_options(parser, options, optional=()):
     """Add the flags of a table of options to an argparse parser: --<name> each; a bool also --no-<name>; a list
-    or a repeated option may be given several times; a dict as NAME=VALUE, several times."""
+    or a repeated option may be given several times; a dict as NAME=VALUE, several times. optional: names of required
+    options the caller checks itself (the timer's --notebooks stands for the containers)."""
     for option in options:
         dest, main = option.name, flag(option.name)
         if option.type == "bool":
@@ -140,7 +141,7 @@ def add_options(parser, options):
             kwargs["type"] = int
         if option.choices:
             kwargs["choices"] = list(option.choices)
-        if option.required:
+        if option.required and option.name not in optional:
             kwargs["required"] = True
         parser.add_argument(main, *option.flags, **kwargs)
 

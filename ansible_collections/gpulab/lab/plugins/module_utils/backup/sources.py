@@ -140,18 +140,29 @@ def pause_marker(store, container_id):
     return os.path.join(store.tmp, f"paused-{container_id}")
 
 
-def unpause_after_a_killed_run(c, store):
-    """A backup killed while it held a container paused (SIGKILL: no cleanup) left a marker paused-<id> in tmp/:
-    that container is still frozen. Thaw every such container, this one or another (the marker proves gpulab froze
-    it, not its user), before clean_tmp removes the markers; then read this container's state again, as it was
-    inspected before the lock was taken."""
+def thaw_marked(engine, store):
+    """Thaw every container a backup that is gone left paused: its marker paused-<id> in tmp/ proves gpulab froze it,
+    not its user. Call with the store's exclusive lock held (no backup of this store is running). Each marker is
+    removed once its container runs again (or is gone); returns the names of the containers unpaused."""
+    thawed = []
     for name in sorted(os.listdir(store.tmp)) if os.path.isdir(store.tmp) else []:
         if not name.startswith("paused-"):
             continue
-        info = c.engine.container(name[len("paused-") :])
+        info = engine.container(name[len("paused-") :])
         if info and (info.get("State") or {}).get("Paused"):
-            c.engine.json("POST", f"/containers/{info['Id']}/unpause")
-            c.notices.append(f"{info['Name'].lstrip('/')} was left paused by a backup that was killed: it was unpaused")
+            engine.json("POST", f"/containers/{info['Id']}/unpause")
+            thawed.append(info["Name"].lstrip("/"))
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(store.tmp, name))
+    return thawed
+
+
+def unpause_after_a_killed_run(c, store):
+    """A backup killed while it held a container paused (SIGKILL: no cleanup) left its marker in tmp/: thaw every
+    such container, this one or another, before clean_tmp removes the markers; then read this container's state
+    again, as it was inspected before the lock was taken."""
+    for name in thaw_marked(c.engine, store):
+        c.notices.append(f"{name} was left paused by a backup that was killed: it was unpaused")
     fresh = c.engine.container(c.info["Id"])
     if fresh:
         c.info["State"] = fresh.get("State") or {}
@@ -159,7 +170,8 @@ def unpause_after_a_killed_run(c, store):
 
 class Paused:
     """The container paused for a with block, when it runs, its user has not paused it and pause is on. With a store,
-    a marker in tmp/ (fsynced before the pause) lets the next backup thaw it should this process be killed meanwhile.
+    a marker in tmp/ (fsynced before the pause) lets the next backup, or the timer's thaw, thaw it should this process
+    be killed meanwhile. A stop (Stopped) or error anywhere in the block, even during the pause request, thaws it.
     seconds: how long it was paused."""
 
     def __init__(self, c, store=None):
@@ -178,18 +190,28 @@ class Paused:
             with open(self._marker, "wb") as f:  # empty; fsynced: it must outlive a SIGKILL
                 os.fsync(f.fileno())
             fsync_dir(self.store.tmp)
-        self.c.engine.json("POST", f"/containers/{self.c.info['Id']}/pause")
-        self._started = time.monotonic()
+        self._started = time.monotonic()  # before the request: a stop during it may have paused the container
+        try:
+            self.c.engine.json("POST", f"/containers/{self.c.info['Id']}/pause")
+        except BaseException:
+            self._thaw(sure=False)
+            raise
         return self
 
-    def __exit__(self, *exc):
-        if self._started is None:
-            return False
-        self.c.engine.json("POST", f"/containers/{self.c.info['Id']}/unpause")
+    def _thaw(self, sure=True):
+        """Unpause; sure=False: the pause request may not have been done (a 409 "is not paused" is then fine)."""
+        status, body = self.c.engine.request("POST", f"/containers/{self.c.info['Id']}/unpause")
+        if status not in (200, 204) and (sure or status != 409):
+            raise api.DockerApiError(f"{self.c.name} could not be unpaused: {api.error_of(body)}")
         self.seconds = round(time.monotonic() - self._started, 2)
+        self._started = None
         if self._marker:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self._marker)
+
+    def __exit__(self, *exc):
+        if self._started is not None:
+            self._thaw()
         return False
 
 
