@@ -171,3 +171,52 @@ def wait_for(predicate, timeout=60, interval=0.005):
             return value
         time.sleep(interval)
     return None
+
+
+# ---- the systemd timer's command lines (role backup), run as its unit runs them ------------------------------------
+
+UTILS = ROOT / "ansible_collections" / "gpulab" / "lab" / "plugins" / "module_utils"
+ROLE_BACKUP = ROOT / "ansible_collections" / "gpulab" / "lab" / "roles" / "backup"
+
+
+def timer_lib(workdir):
+    """A copy of the files role backup installs on the server (docker_api.py, files.py and backup/*.py, nothing
+    else) below workdir/lib; returns the environment the unit gives them (PYTHONPATH) and the python3 to use: the
+    server's own (Debian's, without Ansible) when this machine has one."""
+    lib = Path(workdir) / "lib"
+    for source in [UTILS / "docker_api.py", UTILS / "files.py", *sorted((UTILS / "backup").glob("*.py"))]:
+        target = lib / source.relative_to(ROOT)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(source, target)
+    env = {**{k: v for k, v in os.environ.items() if k != "PYTHONPATH"}, "PYTHONPATH": str(lib)}
+    python = "/usr/bin/python3" if os.access("/usr/bin/python3", os.X_OK) else sys.executable
+    return env, python
+
+
+def unit_command(var, settings_file, python, **role_vars):
+    """argv of one of the unit's commands, rendered from role backup's vars/main.yml (var: __backup_command, the
+    ExecStart, or __backup_thaw_command, the ExecStopPost) with this test's settings file and role_vars (for example
+    backup_containers); /usr/bin/python3 is replaced by python where this machine has none."""
+    import shlex  # noqa: PLC0415
+
+    import jinja2  # noqa: PLC0415
+    import yaml  # noqa: PLC0415
+
+    template = (ROLE_BACKUP / "templates" / "gpulab-backup.service.j2").read_text()
+    unit_key = {"__backup_command": "ExecStart", "__backup_thaw_command": "ExecStopPost"}[var]
+    assert f"\n{unit_key}={{{{ {var} }}}}\n" in template  # the unit runs exactly that variable
+    role = yaml.safe_load((ROLE_BACKUP / "vars" / "main.yml").read_text())
+    values = {"backup_containers": [], **role_vars, "__backup_settings_file": str(settings_file)}
+    argv = shlex.split(jinja2.Template(role[var]).render(**values))
+    return [python if a == "/usr/bin/python3" else a for a in argv]
+
+
+def timer_settings(path, store, containers=None, **options):
+    """The settings file role backup writes for the timer: container_backup's options by their names (the role's
+    __backup_settings), the containers only when backup_containers names them."""
+    settings = {"store": str(store), "keep_last": 3, "include_workdir": True, "pause": True, "fast_path": True}
+    settings.update(options)
+    if containers:
+        settings["container"] = list(containers)
+    Path(path).write_text(json.dumps(settings, indent=2) + "\n")
+    return Path(path)

@@ -280,7 +280,7 @@ class BackupJob:
             except OSError as e:
                 self._tidy(store)
                 where = os_error_text(e, store.path)
-                raise BackupError(f"the backup of {self.name} failed while {self.progress.phase}: {where}") from e
+                raise BackupError(f"{where} (while {self.progress.phase}, backing up {self.name})") from e
             except BaseException:
                 self._tidy(store)
                 raise
@@ -303,8 +303,8 @@ class BackupJob:
             final = store.manifest_path(self.name, manifest["id"])
             needed = len(json.dumps(manifest, indent=1, sort_keys=True)) + 1
             raise BackupError(
-                f"the backup of {self.name} was not kept: its manifest {final} could not be written (through "
-                f"{store.tmp}): {os_error_text(e, store.tmp, needed)}. The backups before it are intact"
+                f"the manifest {final} could not be written: {os_error_text(e, store.tmp, needed)}; this backup of "
+                f"{self.name} is not kept, the backups before it are intact"
             ) from e
 
     def _store_run(self, store):
