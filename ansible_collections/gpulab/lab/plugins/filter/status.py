@@ -294,7 +294,7 @@ def _bar_chart(title, rows, unit, limit=None):
     if not rows:
         return f"<figure><figcaption>{_e(title)}</figcaption><p class='muted'>nothing to show</p></figure>"
     label_w, bar_w, row_h = 190, 320, 24
-    top = max([value for _, value, _, _ in rows] + [limit or 0]) or 1
+    top = max([row[1] for row in rows] + [limit or 0]) or 1
     height = row_h * len(rows) + 24
     parts = [
         f"<figure><figcaption>{_e(title)}</figcaption>"

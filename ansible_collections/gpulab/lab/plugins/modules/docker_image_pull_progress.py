@@ -188,7 +188,7 @@ class PullProgress:
 
 def registry_of(name):
     """The registry host of a repository name, as Docker reads it (docker.io when the first part is no host)."""
-    first, _, rest = name.partition("/")
+    first, _slash, rest = name.partition("/")
     if rest and ("." in first or ":" in first or first == "localhost"):
         return first
     return "docker.io"
@@ -196,7 +196,7 @@ def registry_of(name):
 
 def registry_auth(config_path, registry):
     """The X-Registry-Auth header value for registry from the client configuration's auths, or None."""
-    path = os.path.expanduser(config_path or "")
+    path = config_path or ""  # the option is of type path: Ansible has expanded ~ already
     if not path or not os.path.isfile(path):
         return None
     try:
@@ -210,7 +210,7 @@ def registry_auth(config_path, registry):
     for key in keys:
         entry = auths.get(key) or {}
         if entry.get("auth"):
-            user, _, password = base64.b64decode(entry["auth"]).decode().partition(":")
+            user, _colon, password = base64.b64decode(entry["auth"]).decode().partition(":")
             creds = {"username": user, "password": password, "serveraddress": key}
             return base64.urlsafe_b64encode(json.dumps(creds).encode()).decode()
         if entry.get("identitytoken"):

@@ -282,7 +282,7 @@ def _stat_value(path, key):
     try:
         with open(path, encoding="utf-8") as f:
             for line in f:
-                name, _, value = line.partition(" ")
+                name, _space, value = line.partition(" ")
                 if name == key:
                     return int(value)
     except (OSError, ValueError):
@@ -307,14 +307,14 @@ def cgroup_memory(pid, cgroup_root="/sys/fs/cgroup", proc="/proc"):
     except (OSError, ValueError):
         return None
     for line in lines:
-        _, controllers, path = line.split(":", 2)
+        _hierarchy, controllers, path = line.split(":", 2)
         if "memory" in controllers.split(","):
             folder = os.path.join(cgroup_root, "memory", path.lstrip("/"))
             usage = _read_int(os.path.join(folder, "memory.usage_in_bytes"))
             cache = _stat_value(os.path.join(folder, "memory.stat"), "total_inactive_file")
             return None if usage is None else max(usage - (cache or 0), 0)
     for line in lines:
-        _, controllers, path = line.split(":", 2)
+        _hierarchy, controllers, path = line.split(":", 2)
         if not controllers:
             folder = os.path.join(cgroup_root, path.lstrip("/"))
             usage = _read_int(os.path.join(folder, "memory.current"))
