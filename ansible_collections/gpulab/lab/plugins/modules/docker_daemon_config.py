@@ -38,7 +38,7 @@ description:
   - The file is owned by C(root:root) when the module runs as root; otherwise ownership is left as it is.
   - Docker reads C(daemon.json) only when it starts; restart the C(docker) service (for example from a handler) for
     the change to take effect. Keys that would keep it from starting are refused before writing (O(validate)).
-author: gpulab developers
+author: gpulab developers (!UNKNOWN)
 extends_documentation_fragment:
   - gpulab.lab.attributes
   - gpulab.lab.attributes.idempotent
