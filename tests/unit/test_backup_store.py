@@ -336,9 +336,12 @@ def test_retention_keeps_the_newest_and_the_newest_complete_and_collects_garbage
     assert store.backup_ids("alice") == [manifests[1]["id"], manifests[3]["id"]]
     assert blobs == [manifests[0]["layers"][1]["diff_id"]]  # only the removed backup's own top layer
     assert os.path.exists(store.blob_path(blob_id(base)))  # still used by alice #1 and bob
-    picked, pick_warnings = store.pick("alice")
-    assert picked["id"] == manifests[1]["id"]
-    assert "incomplete" in pick_warnings[0]
+    # The newest is incomplete: refused by name, the complete one named, never taken on its own; asked for, it is.
+    with pytest.raises(backup_common.BackupError) as refused:
+        store.pick("alice")
+    assert f"the newest backup of container alice, {manifests[3]['id']}, cannot be restored" in str(refused.value)
+    assert f"Complete backups of alice, newest first: {manifests[1]['id']}" in str(refused.value)
+    assert store.pick("alice", manifests[1]["id"]).manifest["id"] == manifests[1]["id"]
     with pytest.raises(backup_common.BackupError, match="keep_last must be at least 1"):
         store.retention("alice", 0)
 
@@ -348,7 +351,8 @@ def test_no_complete_backup_names_the_missing_blob(store):
     manifest = a_manifest(store, "carol", "20250101T000000Z-aaaaaa", layers, 1)
     os.unlink(store.blob_path(manifest["layers"][0]["diff_id"]))
     with pytest.raises(
-        backup_common.BackupError, match=rf"lacks: layer 1 .*{manifest['layers'][0]['diff_id']} is missing"
+        backup_common.BackupError,
+        match=rf"lacks: layer 1 .*{manifest['layers'][0]['diff_id']} is missing.*No other backup of carol .*complete",
     ):
         store.pick("carol")
     with pytest.raises(backup_common.BackupError, match="has no backup nope of container carol"):
@@ -646,3 +650,50 @@ def test_a_layer_of_more_blobs_than_one_zstd_reads(store, monkeypatch):
     with tarfile.open(fileobj=io.BytesIO(tar_bytes)) as tar:
         names = json.loads(tar.extractfile("manifest.json").read())[0]["Layers"]
         assert tar.extractfile(names[0]).read() == data
+
+
+def test_what_the_store_knows_of_the_newest_backup(store):
+    """pick(): an unreadable older manifest is a warning; a newer run's blobs without a manifest, and no temporary
+    file, are refused (its manifest may be lost); a run interrupted while writing (its temporary files) is no backup."""
+    layers = sample_layers()
+    older = a_manifest(store, "erin", "20250101T000000Z-aaaaaa", layers[:1], 1)
+    newest = a_manifest(store, "erin", "20250102T000000Z-bbbbbb", layers[:1], 2)
+    path = store.manifest_path("erin", older["id"])
+    Path(path).write_text(Path(path).read_text()[:40])
+    picked = store.pick("erin")
+    assert picked.manifest["id"] == newest["id"]
+    assert len(picked.warnings) == 1
+    assert picked.warnings[0].startswith(f"backup {older['id']} of erin is damaged: the manifest {path} cannot be read")
+    mtime = os.stat(store.manifest_path("erin", newest["id"])).st_mtime_ns
+    # A later run's blob, no manifest, no temporary file: refused.
+    data = layer_tar({"later": os.urandom(2000)})
+    with backup_blobs.BlobWriter(store, 3) as writer:
+        writer.write(data)
+        blob = writer.finish()
+        writer.commit(blob["digest"])
+    os.utime(store.blob_path(blob["digest"]), ns=(mtime + 10**9, mtime + 10**9))
+    with pytest.raises(
+        backup_common.BackupError,
+        match=rf"backup {newest['id']} may not be the newest of container "
+        r"erin: the store holds 1 blob\(s\) .*no manifest.*newest first: " + newest["id"],
+    ):
+        store.pick("erin")
+    assert store.pick("erin", newest["id"]).manifest["id"] == newest["id"]  # asked for by its id
+    # The same blob from before the newest manifest is no trace of a later run.
+    os.utime(store.blob_path(blob["digest"]), ns=(mtime - 10**9, mtime - 10**9))
+    assert store.pick("erin").manifest["id"] == newest["id"]
+    # A run interrupted while writing: not a backup; the newest manifest is taken, with a warning.
+    os.utime(store.blob_path(blob["digest"]), ns=(mtime + 10**9, mtime + 10**9))
+    Path(store.tmp, "chunk-x.tmp").write_bytes(b"partial")
+    os.utime(os.path.join(store.tmp, "chunk-x.tmp"), ns=(mtime + 10**9, mtime + 10**9))
+    picked = store.pick("erin")
+    assert picked.manifest["id"] == newest["id"]
+    assert picked.warnings[0].startswith(f"a backup run after {newest['id']} was interrupted (1 temporary file(s)")
+    # The newest manifest damaged: refused by its id, the older one is damaged too: none is complete.
+    Path(store.manifest_path("erin", newest["id"])).write_text("{")
+    with pytest.raises(
+        backup_common.BackupError,
+        match=rf"the newest backup of container erin, {newest['id']}, "
+        r"cannot be restored: the manifest .* cannot be read.*No other backup of erin",
+    ):
+        store.pick("erin")

@@ -173,15 +173,36 @@ def test_force_replaces_the_container_and_reuses_the_image(notebook):
     assert inspect(notebook["name"])["Id"] == second["container_id"]
 
 
+def tree(root):
+    """Every path under root (root included, as "."): kind, mode, owner, and content or link target."""
+    out = {}
+    root = Path(root)
+    for path in [root, *sorted(root.rglob("*"))]:
+        st = os.lstat(path)
+        rel = str(path.relative_to(root))
+        if stat.S_ISLNK(st.st_mode):
+            what = ("symlink", os.readlink(path))
+        elif stat.S_ISDIR(st.st_mode):
+            what = ("directory", None)
+        else:
+            what = ("file", path.read_bytes())
+        out[rel] = (*what, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid)
+    return out
+
+
 def refused_without_change(notebook, match, **options):
-    """Restore (force) must fail with match, and the engine must be as it was, its event log silent about it."""
+    """Restore (force) must fail with match, and the engine must be as it was, its event log silent about it, and the
+    work directory as it was."""
     state = engine_state(notebook["name"])
+    files = tree(notebook["work"])
     since = time.time()
     with pytest.raises(ModuleFail, match=match) as info:
         restore(notebook, force=True, **options)
     time.sleep(1.1)
     until = time.time()
     assert engine_state(notebook["name"]) == state
+    assert tree(notebook["work"]) == files
+    assert not list(notebook["work"].parent.glob("*.gpulab-moved-*"))
     words = [notebook["name"], "gpulab-backup/", notebook["backup"]["image_id"][7:19]]
     assert engine_events(since, until, *words) == []
     return info.value.result["msg"]
@@ -205,7 +226,7 @@ def test_a_missing_blob_is_refused_before_docker_changes(notebook):
     os.unlink(backup_store.Store(str(notebook["store"])).blob_path(digest))
     refused_without_change(notebook, f"blob {digest} is missing", backup=notebook["backup"]["backup_id"])
     # Without an id, the newest complete backup is wanted: there is none.
-    refused_without_change(notebook, f"no complete backup of container {notebook['name']}.*{digest} is missing")
+    refused_without_change(notebook, f"the newest backup of container {notebook['name']}, .*{digest} is missing")
 
 
 def test_a_layer_whose_content_differs_is_refused_while_it_streams(notebook, tmp_path):
@@ -314,3 +335,93 @@ def test_gpu_device_requests_come_back(tiny, tmp_path):
     finally:
         remove_container(name)
         remove_images_of(name)
+
+
+def student_works(notebook):
+    """After the backup: the student saves a new file and a new folder, changes a file, deletes one, and installs
+    something into the container."""
+    work = notebook["work"]
+    (work / "analysis.ipynb").write_text('{"cells": ["newer"]}\n')
+    (work / "inside.txt").unlink()
+    (work / "results").mkdir()
+    (work / "results" / "run1.csv").write_text("1,2\n")
+    (work / "new.txt").write_text("new\n")
+    for path in (work / "results", work / "results" / "run1.csv", work / "new.txt"):
+        os.chown(path, 1234, 1234)
+    sh("docker", "exec", "-u", "0", notebook["name"], "sh", "-c", "echo newer > /root/second.txt")
+
+
+def own_blob(newer, older):
+    """A blob of the newer backup's layers that the older one does not reference."""
+    theirs = {b["digest"] for b, _what in backup_store.manifest_blobs(older)}
+    return next(b["digest"] for layer in newer["layers"] for b in layer["blobs"] if b["digest"] not in theirs)
+
+
+@pytest.mark.parametrize("damage", ["missing chunk", "missing manifest", "truncated manifest"])
+def test_a_damaged_newest_backup_is_refused_and_no_older_one_is_taken(notebook, damage):
+    first = notebook["backup"]
+    student_works(notebook)
+    second = run_module(container_backup, {"container": notebook["name"], "store": str(notebook["store"])})
+    (notebook["work"] / "after.txt").write_text("after the second backup\n")
+    store = backup_store.Store(str(notebook["store"]))
+    newer, older = read_json(second["manifest"]), read_json(first["manifest"])
+    os.chmod(second["manifest"], 0o600)
+    if damage == "missing chunk":
+        digest = own_blob(newer, older)
+        os.unlink(store.blob_path(digest))
+        match = f"the newest backup of container {notebook['name']}, {second['backup_id']}, .*{digest} is missing"
+    elif damage == "missing manifest":
+        os.unlink(second["manifest"])
+        match = f"backup {first['backup_id']} may not be the newest of container {notebook['name']}: .*no manifest"
+    else:
+        data = Path(second["manifest"]).read_bytes()
+        Path(second["manifest"]).write_bytes(data[: len(data) // 2])
+        match = f"the newest backup of container {notebook['name']}, {second['backup_id']}, .*cannot be read"
+    msg = refused_without_change(notebook, match)
+    assert f"Complete backups of {notebook['name']}, newest first: {first['backup_id']} (created " in msg
+    assert f"backup_restore_id=<id> with backup_containers=[{notebook['name']}]" in msg
+    # Asked for by its id, the older backup is restored, exactly: what was saved since is moved aside.
+    result = restore(notebook, force=True, backup=first["backup_id"])
+    assert result["backup_id"] == first["backup_id"]
+    assert inspect(notebook["name"])["Config"]["Labels"][backup_common.RESTORED_LABEL] == first["backup_id"]
+    assert sh("docker", "exec", notebook["name"], "cat", "/root/installed.txt") == "torch"
+    assert sh("docker", "exec", notebook["name"], "cat", "/root/second.txt", check=False) == ""
+    assert (notebook["work"] / "inside.txt").read_text() == "written inside\n"
+    assert (notebook["work"] / "analysis.ipynb").read_text() == '{"cells": []}\n'
+    assert sorted(result["workdir_moved_aside"][0]["paths"]) == ["after.txt", "new.txt", "results"]
+
+
+def test_a_restored_work_directory_holds_exactly_the_backups_files(notebook):
+    at_backup = tree(notebook["work"])
+    config_at_backup = tree(notebook["config"])
+    student_works(notebook)
+    os.symlink("/etc", notebook["work"] / "sub")  # where the backup has nothing: moved aside, never followed
+    result = restore(notebook, force=True)
+    assert result["backup_id"] == notebook["backup"]["backup_id"]
+    assert tree(notebook["work"]) == at_backup  # the changed file back, the deleted one back, nothing more
+    assert tree(notebook["config"]) == config_at_backup
+    moved = result["workdir_moved_aside"]
+    assert [m["source"] for m in moved] == [str(notebook["work"])]
+    folder = Path(moved[0]["moved_to"])
+    assert folder.parent == notebook["work"].parent
+    assert folder.name.startswith(notebook["work"].name + ".gpulab-moved-")
+    st = os.stat(folder)
+    assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) == (0o700, 1234, 1234)
+    assert sorted(moved[0]["paths"]) == ["new.txt", "results", "sub"]
+    assert (folder / "new.txt").read_text() == "new\n"
+    assert (folder / "results" / "run1.csv").read_text() == "1,2\n"
+    assert os.readlink(folder / "sub") == "/etc"
+    assert any(str(folder) in notice and "3 path(s)" in notice for notice in result["notices"])
+
+
+def test_a_damaged_work_directory_archive_changes_no_file(notebook):
+    manifest = read_json(notebook["backup"]["manifest"])
+    digest = manifest["mounts"][0]["blobs"][0]["digest"]
+    path = Path(backup_store.Store(str(notebook["store"])).blob_path(digest))
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.chmod(0o600)
+    path.write_bytes(bytes(data))
+    (notebook["work"] / "new.txt").write_text("kept where it is\n")
+    msg = refused_without_change(notebook, f"blob {digest} is corrupt", backup=notebook["backup"]["backup_id"])
+    assert f"No other backup of {notebook['name']} " in msg

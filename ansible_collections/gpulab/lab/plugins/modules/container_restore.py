@@ -29,15 +29,23 @@ module: container_restore
 short_description: Restore a Docker container, its image and its work directory from gpulab's backup store
 version_added: "0.1.0"
 description:
-  - Picks a backup of O(container) in O(store) (O(backup), or the newest complete one) and verifies every blob it
-    references before Docker is changed (present, the size and sha256 of the stored file, and the sha256 of the
-    content it decompresses to; see O(verify)). A missing or damaged blob is an error that names it, and the engine's
-    images and containers stay as they were.
+  - Takes the backup O(backup) of O(container) in O(store), or else the newest one, and verifies every blob it
+    references before Docker or a file is changed (present, the size and sha256 of the stored file, and the sha256
+    of the content it decompresses to; see O(verify)). A missing or damaged blob is an error that names it, and the
+    engine's images and containers and the work directory stay as they were.
+  - Never restores an older backup on its own. When the newest backup cannot be restored (a blob missing or
+    damaged, its manifest truncated or unreadable, or blobs of a later backup run on disk whose manifest is missing)
+    the module fails, naming what is missing and the complete backups by id; one of them is restored when O(backup)
+    names it. A run that was interrupted while writing (its temporary files in the store) never completed and is no
+    backup; the newest backup is restored, with a notice.
   - Loads the image by streaming a C(docker load) tar assembled from the blobs into the engine (layers the engine
     already has, for example those of the deep-learning image after a reinstall, are not sent again) and tags it
     C(gpulab-backup/<container>:<backup id>). An image already in the engine is only tagged.
-  - With O(restore_workdir) (the default), unpacks the archived bind-mount sources where they were, with their
-    owners, modes and extended attributes, over what is there (files the backup does not have are kept).
+  - With O(restore_workdir) (the default), puts the archived bind-mount sources back where they were, exactly as the
+    backup has them, with their owners, modes and extended attributes. Files in both are replaced by the backup's.
+    What the backup does not have (newer files and folders, or a path of another kind) is not deleted but moved to
+    C(<source>.gpulab-moved-<UTC time>/) beside it (the source's owner, mode 0700), keeping its path there; the
+    result (RV(workdir_moved_aside)) and a notice say where.
   - Creates the container with its saved run settings, labels it C(io.gpulab.backup.restored-from=<backup id>) and
     starts it if it was running when it was backed up.
   - An existing container of the same name is left alone, and the module says so, unless O(force=true); it is then
@@ -55,7 +63,7 @@ options:
     type: str
     required: true
   backup:
-    description: ID of the backup to restore; the newest complete backup when omitted.
+    description: ID of the backup to restore; the newest backup when omitted (which must be complete).
     type: str
   force:
     description: Replace an existing container of that name.
@@ -176,6 +184,23 @@ workdir_restored:
   type: list
   elements: str
   returned: always
+workdir_moved_aside:
+  description: For each bind-mount source that held paths the backup does not have, where they were moved.
+  type: list
+  elements: dict
+  returned: always
+  contains:
+    source:
+      description: The bind-mount source.
+      type: str
+    moved_to:
+      description: The folder beside it the paths were moved to.
+      type: str
+      sample: /srv/notebooks/alice.gpulab-moved-20250131T235959Z
+    paths:
+      description: The paths moved, relative to the source (a folder moved whole is one path).
+      type: list
+      elements: str
 replaced_container:
   description: Whether an existing container of that name was removed (O(force=true)).
   type: bool
@@ -200,7 +225,7 @@ seconds:
   type: float
   returned: always
 notices:
-  description: Things the user should know (a newer backup was incomplete, ...).
+  description: Things the user should know (paths moved aside, an interrupted backup run, a damaged older manifest).
   type: list
   elements: str
   returned: always

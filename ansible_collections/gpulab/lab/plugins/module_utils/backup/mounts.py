@@ -2,7 +2,8 @@
 # SPDX-License-Identifier: MIT
 
 """Bind-mounted folders and files of a container: which are archived (not system paths, sockets or volumes), their
-archive as a blob (not again while unchanged), and their unpacking where they were, with owners and modes.
+archive as a blob (not again while unchanged), and their restore where they were, with owners and modes, exactly as
+the backup has them: what the backup lacks is moved aside to a folder beside the source (never deleted).
 
 Reads and writes the server's files and the store's blobs; never talks to the engine.
 """
@@ -13,19 +14,23 @@ import contextlib
 import hashlib
 import os
 import posixpath
+import shutil
 import stat
 import subprocess
+import tarfile
 import tempfile
+import time
 from typing import NamedTuple
 
 from ansible_collections.gpulab.lab.plugins.module_utils.backup.blobs import BlobWriter
-from ansible_collections.gpulab.lab.plugins.module_utils.backup.common import BackupError
+from ansible_collections.gpulab.lab.plugins.module_utils.backup.common import CHUNK, BackupError
 from ansible_collections.gpulab.lab.plugins.module_utils.backup.streams import (
     TAR_EXTRACT,
     BlobReader,
     TarOf,
     tar_program,
 )
+from ansible_collections.gpulab.lab.plugins.module_utils.files import fsync_dir
 
 # Bind-mount sources that are not a user's files: never archived, never written back.
 SYSTEM_TREES = (
@@ -171,12 +176,98 @@ def archive_mount(store, mount, previous, level, *, known=None, progress=None):
     return MountArchive(entry, blob["size"], written, warning)
 
 
-def restore_mount(store, entry):
-    """Unpack a bind-mount source where it was, with its owners, modes and extended attributes; returns the path."""
+class Restored(NamedTuple):
+    """One bind-mount source restored: its path, the folder what the backup did not have was moved to (None when
+    nothing was), and the paths moved there (relative to the source)."""
+
+    source: str
+    moved_to: str | None
+    moved: list
+
+
+def _kind(mode):
+    return "directory" if stat.S_ISDIR(mode) else "symlink" if stat.S_ISLNK(mode) else "file"
+
+
+def archive_kinds(store, entry):
+    """{absolute path: directory, symlink or file} of every member of a bind-mount archive, read from its blobs (a
+    full pass of zstd and tar's headers, before anything changes). A member outside the source is refused."""
+    source = os.path.normpath(entry["source"])
+    reader = BlobReader(store.blob_path(b["digest"]) for b in entry["blobs"])
+    kinds = {}
+    try:
+        with tarfile.open(fileobj=reader, mode="r|", bufsize=CHUNK) as tar:
+            while True:
+                member = tar.next()
+                if member is None:
+                    break
+                tar.members.clear()  # stream mode keeps every header otherwise: a big work directory's worth
+                path = os.path.normpath("/" + member.name)
+                if not under(path, source):
+                    raise BackupError(f"the archive of {source} holds {path}, which is outside it")
+                kinds[path] = "directory" if member.isdir() else "symlink" if member.issym() else "file"
+        reader.close()
+    except (tarfile.TarError, OSError) as e:
+        reader.close(check=False)
+        raise BackupError(f"the archive of {source} cannot be read: {e}") from e
+    except BaseException:
+        reader.close(check=False)
+        raise
+    return kinds
+
+
+def move_aside(source, kinds, stamp):
+    """Move what is under source and not in the backup (or of another kind there: a folder where the backup has a
+    file, a symlink where it has a folder) to <source>.gpulab-moved-<stamp>/, same owner as source, mode 0700, keeping
+    the paths. Kept, not deleted: it is the user's newer work. Returns (that folder or None, relative paths moved)."""
+    extras = []
+
+    def visit(path):
+        st = os.lstat(path)
+        if kinds.get(path) != _kind(st.st_mode):
+            extras.append((path, st))
+        elif stat.S_ISDIR(st.st_mode):
+            for name in sorted(os.listdir(path)):
+                visit(os.path.join(path, name))
+
+    if not os.path.lexists(source):
+        return None, []
+    visit(source)
+    if not extras:
+        return None, []
+    owner = os.lstat(source)
+    folder, n = f"{source}.gpulab-moved-{stamp}", 1
+    while os.path.lexists(folder):
+        n += 1
+        folder = f"{source}.gpulab-moved-{stamp}-{n}"
+    moved = []
+    for path, _st in extras:
+        rel = os.path.basename(source) if path == source else os.path.relpath(path, source)
+        dest = os.path.join(folder, rel)
+        parts = [p for p in os.path.dirname(rel).split(os.sep) if p]
+        for depth in range(len(parts) + 1):
+            parent = os.path.join(folder, *parts[:depth])
+            if not os.path.isdir(parent):
+                os.mkdir(parent, 0o700)
+                os.chown(parent, owner.st_uid, owner.st_gid)
+                os.chmod(parent, 0o700)
+        shutil.move(path, dest)  # a rename: the folder is beside source, on its file system
+        moved.append(rel)
+    fsync_dir(os.path.dirname(folder))
+    return folder, moved
+
+
+def restore_mount(store, entry, kinds=None, stamp=None):
+    """Put a bind-mount source back as the backup has it, with its owners, modes and extended attributes: what the
+    backup lacks is moved aside first (move_aside), files in both are replaced by the backup's. kinds: what
+    archive_kinds() gave (read here when None). Returns Restored."""
     source = entry["source"]
     why = system_path_reason(source) if os.path.isabs(source) else "not an absolute path"
     if why:
         raise BackupError(f"the backup's archive of {source} is not restored: {why}")
+    source = os.path.normpath(source)
+    kinds = archive_kinds(store, entry) if kinds is None else kinds
+    folder, moved = move_aside(source, kinds, stamp or time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()))
     for parent in entry.get("parents") or []:
         if not os.path.isdir(parent["path"]):
             os.mkdir(parent["path"], parent["mode"])
@@ -195,7 +286,7 @@ def restore_mount(store, entry):
         raise BackupError(f"unpacking the archive of {source} failed: {e}") from e
     if rc != 0:
         raise BackupError(f"unpacking the archive of {source} failed: {message or f'tar {rc}'}")
-    return source
+    return Restored(source, folder, moved)
 
 
 # ---- backup --------------------------------------------------------------------------------------------------------

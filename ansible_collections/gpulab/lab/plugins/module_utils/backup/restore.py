@@ -7,7 +7,10 @@ assembled from its blobs into the engine (LoadTar), unpack its bind mounts, crea
 Every blob is checked before Docker changes: its size and the sha256 of its stored file before the engine is asked
 for anything, the sha256 of its content before that too (bind-mount archives; every blob with verify=full) or while it
 streams (layers; the tar's last member, without which the engine creates nothing, goes only when all matched).
-Layers the engine already has go as empty placeholders, which `docker load` does not read. Writes nothing to the
+Layers the engine already has go as empty placeholders, which `docker load` does not read. Each bind-mount archive is
+read through (its listing) before anything changes too, and a work directory is put back exactly as the backup has it
+(mounts.py). The backup is the one asked for or the newest, which must be complete (store.pick): never an older one on
+its own, since that would give the container and its files back as they were at another time. Writes nothing to the
 store (it holds the store's lock shared, so that no backup removes blobs meanwhile).
 """
 
@@ -31,7 +34,7 @@ from ansible_collections.gpulab.lab.plugins.module_utils.backup.common import (
     check_name,
     sha256_of,
 )
-from ansible_collections.gpulab.lab.plugins.module_utils.backup.mounts import restore_mount
+from ansible_collections.gpulab.lab.plugins.module_utils.backup.mounts import archive_kinds, restore_mount
 from ansible_collections.gpulab.lab.plugins.module_utils.backup.settings import BUILTIN_NETWORKS, env_name
 from ansible_collections.gpulab.lab.plugins.module_utils.backup.store import Store
 from ansible_collections.gpulab.lab.plugins.module_utils.backup.streams import (
@@ -79,6 +82,7 @@ class RestoreReport:
     layers_present: int = 0
     bytes_sent: int = 0
     workdir_restored: list = field(default_factory=list)
+    workdir_moved_aside: list = field(default_factory=list)
     replaced_container: bool = False
     container_id: str | None = None
     container_started: bool = False
@@ -211,16 +215,26 @@ class RestoreJob:
             if check_mode and not self.verify_only:
                 problems = self.store.missing_blobs(manifest)
                 if problems:
-                    raise BackupError(f"backup {manifest['id']} is damaged: " + "; ".join(p[1] for p in problems))
+                    raise BackupError(
+                        f"backup {manifest['id']} is damaged: "
+                        + "; ".join(p[1] for p in problems)
+                        + f". {self.store.choices(self.name, manifest['id'])}"
+                    )
                 return replace(report, verified="sizes", msg=self._would(manifest, existing)).as_dict()
             full = self.verify == "full" or self.verify_only
-            figures = verify_backup(
-                self.store,
-                manifest,
-                layer_content=full,
-                mount_content=self.verify != "stored" and (self.restore_workdir or self.verify_only),
-                progress=self.progress,
-            )
+            try:
+                figures = verify_backup(
+                    self.store,
+                    manifest,
+                    layer_content=full,
+                    mount_content=self.verify != "stored" and (self.restore_workdir or self.verify_only),
+                    progress=self.progress,
+                )
+                # Each archive's listing too, before Docker or a file changes: what the work directory will hold.
+                mounts = manifest.get("mounts") or [] if self.restore_workdir else []
+                kinds = [archive_kinds(self.store, m) for m in mounts]
+            except BackupError as e:
+                raise BackupError(f"{e} {self.store.choices(self.name, manifest['id'])}") from e
             report = replace(
                 report,
                 verified="full" if full else self.verify,
@@ -231,7 +245,7 @@ class RestoreJob:
             if self.verify_only:
                 msg = f"backup {manifest['id']} of {self.name} is complete and intact"
                 return replace(report, changed=False, msg=msg).as_dict()
-            report = self._restore(manifest, existing, report)
+            report = self._restore(manifest, existing, report, kinds)
         return replace(report, seconds=round(time.monotonic() - started, 2), timings=self.progress.remove()).as_dict()
 
     def _report(self, manifest):
@@ -274,16 +288,23 @@ class RestoreJob:
             if status == 404:
                 raise BackupError(f"{self.name} was on network {network}, which the engine lacks: create it first")
 
-    def _restore(self, manifest, existing, report):
+    def _restore(self, manifest, existing, report, kinds):
         loaded = self._load_image(manifest)
         if existing:
             self.progress.set("removing the existing container")
             self.engine.json("DELETE", api.query(f"/containers/{existing['Id']}", force="1"))
-        restored = []
-        if self.restore_workdir:
-            for mount in manifest.get("mounts") or []:
-                self.progress.set("restoring bind mounts", mount=mount["source"])
-                restored.append(restore_mount(self.store, mount))
+        restored, moved = [], []
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        for mount, listing in zip(manifest.get("mounts") or [], kinds):
+            self.progress.set("restoring bind mounts", mount=mount["source"])
+            done = restore_mount(self.store, mount, listing, stamp)
+            restored.append(done.source)
+            if done.moved_to:
+                moved.append({"source": done.source, "moved_to": done.moved_to, "paths": done.moved})
+                self.warnings.append(
+                    f"{len(done.moved)} path(s) of {done.source} that backup {manifest['id']} does not have were "
+                    f"moved to {done.moved_to}"
+                )
         self.progress.set("creating the container")
         container_id = self._create(manifest, report.image)
         started = self._should_start(manifest)
@@ -304,6 +325,7 @@ class RestoreJob:
             verified_content_bytes=report.verified_content_bytes + loaded.content_bytes,
             replaced_container=bool(existing),
             workdir_restored=restored,
+            workdir_moved_aside=moved,
             container_id=container_id,
             container_started=started,
             msg=f"restored {self.name} from backup {manifest['id']}"

@@ -47,10 +47,20 @@ class Retention(NamedTuple):
 
 
 class Picked(NamedTuple):
-    """The manifest a restore takes, and warnings about newer backups that are incomplete."""
+    """The manifest a restore takes, and warnings about older backups that are damaged."""
 
     manifest: dict
     warnings: list
+
+
+class Listed(NamedTuple):
+    """A backup as the store lists it: its id, its manifest (None when the file cannot be read) or why not, and the
+    manifest file's modification time."""
+
+    id: str
+    manifest: dict | None
+    problem: str | None
+    mtime_ns: int
 
 
 class Store:
@@ -310,26 +320,116 @@ class Store:
             fsync_dir(self.blobs)
         return removed, freed, []
 
+    # picking the backup a restore takes
+
+    def listed(self, container):
+        """Every backup of a container that has a manifest file, oldest first by id (ids sort by time), readable or
+        not: a manifest that exists but cannot be read is a damaged backup, still known by its file's name."""
+        out = []
+        for backup_id in self.backup_ids(container):
+            path = self.manifest_path(container, backup_id)
+            try:
+                mtime_ns = os.stat(path).st_mtime_ns
+            except FileNotFoundError:
+                continue
+            try:
+                out.append(Listed(backup_id, self.read_manifest(container, backup_id), None, mtime_ns))
+            except BackupError as e:
+                out.append(Listed(backup_id, None, str(e), mtime_ns))
+        return out
+
+    def complete(self, container):
+        """The backups of a container that can be restored as far as sizes tell (manifest read, every blob present
+        with its stored size), oldest first."""
+        return [b.manifest for b in self.listed(container) if b.manifest and not self.missing_blobs(b.manifest)]
+
+    def choices(self, container, but=None):
+        """What a refused restore says about the other backups: the complete ones by id, and how to ask for one."""
+        others = [m for m in self.complete(container) if m["id"] != but]
+        if not others:
+            return f"No other backup of {container} in {self.path} is complete."
+        named = ", ".join(f"{m['id']} (created {m.get('created_utc') or m.get('created')})" for m in reversed(others))
+        return (
+            f"Complete backups of {container}, newest first: {named}. gpulab restores an older backup only when it is "
+            f"asked for by its id: backup: <id> (container_restore), or -e backup_restore_id=<id> with "
+            f"backup_containers=[{container}] (playbook gpulab.lab.restore)."
+        )
+
+    def attempts_after(self, mtime_ns):
+        """Traces of a backup run newer than mtime_ns that wrote no manifest: blobs no readable manifest references
+        and files in tmp/, each written after mtime_ns. Returns (blob digests, their bytes, tmp names)."""
+        referenced = {blob["digest"] for m in self._readable_manifests() for blob, _what in manifest_blobs(m)}
+        blobs, size, tmp = [], 0, []
+        for folder, names, prefix in ((self.blobs, blobs, "sha256:"), (self.tmp, tmp, "")):
+            with contextlib.suppress(FileNotFoundError):
+                for name in sorted(os.listdir(folder)):
+                    if prefix and (prefix + name in referenced or not DIGEST_RE.match(prefix + name)):
+                        continue
+                    with contextlib.suppress(FileNotFoundError):
+                        st = os.lstat(os.path.join(folder, name))
+                        if st.st_mtime_ns > mtime_ns:
+                            names.append(prefix + name)
+                            size += st.st_size if prefix else 0
+        return blobs, size, tmp
+
     def pick(self, container, backup_id=None):
-        """The manifest to restore: the one named, else the newest complete one. Returns (manifest, warnings)."""
+        """The manifest to restore: the one named, else the newest backup of the container, which must be complete.
+
+        Never an older backup on its own: a restore that is not of the newest state must be asked for by id, since
+        the older backup's work directory and container are another point in time. "The newest" is what the store
+        can know of:
+          - a manifest that exists but cannot be read (truncated, not JSON, not a manifest): manifests are written
+            to tmp/, fsynced and renamed into place last, so one in place that does not parse is damage to a backup
+            that was complete, refused by its id (its file's name);
+          - a manifest that is readable but whose blobs are missing or of another size: refused, naming them;
+          - no manifest, but blobs that no manifest references, written after the newest manifest, and nothing in
+            tmp/: a later run committed data and ended without leaving temporary files, as a run that completed
+            does. Its manifest may have been lost (a run that failed cleanly looks the same, and content-addressed
+            blobs do not say whose they are): refused, naming what was found, until a backup run removes those
+            blobs or an id says which backup is meant;
+          - files in tmp/ written after the newest manifest: a run was interrupted (killed, or the server went
+            down) while writing. It never completed, so it is no backup (manifests are written last): the newest
+            manifest's backup is the newest backup, restored with a warning saying what the store holds.
+        Returns Picked(manifest, warnings)."""
         check_name(container, "container name")
         if backup_id:
-            return Picked(self.read_manifest(container, check_name(backup_id, "backup id")), [])
-        manifests = self.backups_of(container)
-        if not manifests:
+            try:
+                return Picked(self.read_manifest(container, check_name(backup_id, "backup id")), [])
+            except BackupError as e:
+                raise BackupError(f"{e}. {self.choices(container)}") from None
+        listed = self.listed(container)
+        if not listed:
             known = ", ".join(self.containers()) or "none"
             raise BackupError(f"the store {self.path} has no backup of container {container} (containers: {known})")
+        newest = listed[-1]
+        refused = f"the newest backup of container {container}, {newest.id}, cannot be restored"
+        if newest.manifest is None:
+            raise BackupError(f"{refused}: {newest.problem}. Nothing was changed. {self.choices(container)}")
+        problems = self.missing_blobs(newest.manifest)
+        if problems:
+            raise BackupError(
+                f"{refused}, it lacks: {'; '.join(p[1] for p in problems)}. Nothing was changed. "
+                f"{self.choices(container, newest.id)}"
+            )
+        blobs, size, tmp = self.attempts_after(newest.mtime_ns)
+        found = f"{len(blobs)} blob(s) ({size} bytes) that no manifest references, written after it"
+        if blobs and not tmp:
+            raise BackupError(
+                f"backup {newest.id} may not be the newest of container {container}: the store holds {found} by a "
+                "later backup run that left no temporary file, as a complete run does, and has no manifest (lost, or "
+                "the run failed; the store cannot tell which, nor whose backup it was). Nothing was changed. "
+                + self.choices(container)
+                + " A successful backup run removes those blobs."
+            )
         warnings = []
-        for manifest in reversed(manifests):
-            problems = self.missing_blobs(manifest)
-            if not problems:
-                return Picked(manifest, warnings)
-            warnings.append(f"backup {manifest['id']} is incomplete: {problems[0][1]}")
-        newest = manifests[-1]
-        raise BackupError(
-            f"no complete backup of container {container} in {self.path}; the newest, {newest['id']}, lacks: "
-            + "; ".join(p[1] for p in self.missing_blobs(newest))
-        )
+        if tmp:
+            warnings.append(
+                f"a backup run after {newest.id} was interrupted ({len(tmp)} temporary file(s) in {self.tmp}"
+                + (f", {found}" if blobs else "")
+                + f"): it never completed, so it is no backup; {newest.id} is the newest backup of {container}"
+            )
+        warnings += [f"backup {b.id} of {container} is damaged: {b.problem}" for b in listed if b.manifest is None]
+        return Picked(newest.manifest, warnings)
 
 
 def manifest_blobs(manifest):
