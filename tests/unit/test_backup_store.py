@@ -697,3 +697,38 @@ def test_what_the_store_knows_of_the_newest_backup(store):
         r"cannot be restored: the manifest .* cannot be read.*No other backup of erin",
     ):
         store.pick("erin")
+
+
+def test_a_restore_moves_aside_what_the_backup_lacks_and_follows_no_symlink(store, tmp_path):
+    """A symlink where the backup has a folder, a folder where it has a file: moved aside, not written through."""
+    work = tmp_path / "srv" / "bob"
+    (work / "sub").mkdir(parents=True)
+    (work / "sub" / "a.txt").write_text("a")
+    (work / "notes.txt").write_text("notes")
+    os.chown(work, 1234, 2345)
+    entry = backup_mounts.archive_mount(
+        store, {"source": str(work), "destination": "/w", "read_only": False, "kind": "directory"}, {}, 3
+    ).entry
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    subprocess.run(["rm", "-rf", str(work / "sub")], check=True)
+    os.symlink(outside, work / "sub")
+    (work / "notes.txt").unlink()
+    (work / "notes.txt").mkdir()
+    (work / "notes.txt" / "deep.txt").write_text("deep")
+    done = backup_mounts.restore_mount(store, entry, stamp="20250101T000000Z")
+    assert done.source == str(work)
+    assert done.moved_to == f"{work}.gpulab-moved-20250101T000000Z"
+    assert sorted(done.moved) == ["notes.txt", "sub"]
+    assert os.listdir(outside) == []  # nothing written through the symlink
+    assert (work / "sub" / "a.txt").read_text() == "a"
+    assert (work / "notes.txt").read_text() == "notes"
+    moved = Path(done.moved_to)
+    assert os.readlink(moved / "sub") == str(outside)
+    assert (moved / "notes.txt" / "deep.txt").read_text() == "deep"
+    st = os.stat(moved)
+    assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) == (0o700, 1234, 2345)
+    # Again, with nothing the backup lacks: nothing moved, no folder made.
+    again = backup_mounts.restore_mount(store, entry, stamp="20250101T000001Z")
+    assert again.moved_to is None and again.moved == []
+    assert not os.path.exists(f"{work}.gpulab-moved-20250101T000001Z")

@@ -120,6 +120,13 @@ EXAMPLES = r"""
     store: /var/backups/gpulab
     container: alice-notebook
 
+- name: Restore an older backup, asked for by its id (the newest is never skipped on its own)
+  container_restore:
+    store: /var/backups/gpulab
+    container: alice-notebook
+    backup: 20250130T235959.123Z-9f8e7d
+    force: true
+
 - name: Check a backup without touching Docker
   container_restore:
     store: /var/backups/gpulab

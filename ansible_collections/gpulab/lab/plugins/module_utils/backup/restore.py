@@ -263,7 +263,12 @@ class RestoreJob:
         mounts = [m["source"] for m in manifest.get("mounts") or []] if self.restore_workdir else []
         return (
             f"would load backup {manifest['id']} of {self.name} ({len(manifest['layers'])} layers), "
-            + (f"restore {', '.join(mounts)}, " if mounts else "")
+            + (
+                f"restore {', '.join(mounts)} as the backup has them (paths it lacks moved to "
+                "<source>.gpulab-moved-<UTC time>/), "
+                if mounts
+                else ""
+            )
             + ("replace the existing container" if existing else "create the container")
             + (" and start it" if self._should_start(manifest) else "")
         )
