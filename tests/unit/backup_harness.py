@@ -220,3 +220,11 @@ def timer_settings(path, store, containers=None, **options):
         settings["container"] = list(containers)
     Path(path).write_text(json.dumps(settings, indent=2) + "\n")
     return Path(path)
+
+
+@pytest.fixture(scope="module", name="tiny")
+def tiny_fixture(tmp_path_factory):
+    """Fixture tiny: the tiny test image (build_tiny_image), once per test module: its name; removed afterwards."""
+    name, _image_id = build_tiny_image(tmp_path_factory.mktemp("image"))
+    yield name
+    subprocess.run(["docker", "rmi", "-f", name], capture_output=True, check=False)

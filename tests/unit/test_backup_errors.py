@@ -14,7 +14,6 @@ import uuid
 
 import pytest
 from backup_harness import (
-    build_tiny_image,
     inspect,
     needs_docker,
     remove_container,
@@ -23,17 +22,11 @@ from backup_harness import (
     sh,
     timer_lib,
     timer_settings,
+    tiny_fixture,  # noqa: F401 (the fixture tiny)
     unit_command,
 )
 
 pytestmark = [needs_docker]
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    name, _image_id = build_tiny_image(tmp_path_factory.mktemp("image"))
-    yield name
-    subprocess.run(["docker", "rmi", "-f", name], capture_output=True, check=False)
 
 
 @pytest.fixture

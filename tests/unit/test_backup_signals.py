@@ -16,7 +16,6 @@ import uuid
 
 import pytest
 from backup_harness import (
-    build_tiny_image,
     inspect,
     needs_docker,
     remove_container,
@@ -25,18 +24,12 @@ from backup_harness import (
     sh,
     timer_lib,
     timer_settings,
+    tiny_fixture,  # noqa: F401 (the fixture tiny)
     unit_command,
     wait_for,
 )
 
 pytestmark = [needs_docker]
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    name, _image_id = build_tiny_image(tmp_path_factory.mktemp("image"))
-    yield name
-    subprocess.run(["docker", "rmi", "-f", name], capture_output=True, check=False)
 
 
 @pytest.fixture
