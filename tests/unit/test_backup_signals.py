@@ -83,7 +83,7 @@ def test_a_stopped_backup_thaws_the_container_and_removes_its_partial_files(busy
     print(f"{signum.name}: running again {seconds} s after the signal; exit {proc.returncode}; stderr: {err}")
     assert ok, f"still paused 5 s after {signum.name}"
     assert proc.returncode == 128 + signum
-    assert f"stopped ({signum.name}) during the backup of {busy['name']}: what it paused was thawed" in err
+    assert f"backup of {busy['name']} failed: stopped ({signum.name}); what it paused was thawed" in err
     assert f"1 of 1 container(s) not backed up: {busy['name']}" in err
     assert "Traceback" not in err and out == ""
     assert os.listdir(busy["store"] / "tmp") == []  # no blob, chunk, manifest or marker left

@@ -187,8 +187,8 @@ def backup_all(args, params):
             failed.append(container)
         except Stopped as e:
             err(
-                f"stopped ({e.signame}) during the backup of {container}: what it paused was thawed and its "
-                "partial files removed; its earlier backups are intact"
+                f"backup of {container} failed: stopped ({e.signame}); what it paused was thawed and its partial "
+                "files removed, its earlier backups are intact"
             )
             failed += names[number:]
             err(f"{len(failed)} of {len(names)} container(s) not backed up: {', '.join(failed)}")
