@@ -53,6 +53,9 @@ description:
     GPU device requests, restart policy, ipc mode, limits, labels, user, working dir) and the archives. A backup
     without a manifest does not exist; what a killed backup left is removed by the next one. Backups take an
     exclusive lock on the store.
+  - A backup that fails (a full disk, for example) or is stopped thaws what it paused and removes its temporary
+    files before it reports; its message names the path and, on a full disk, the space free and the space needed.
+    The earlier backups are left as they were.
   - Retention keeps the newest O(keep_last) backups of the container (and the newest complete one in any case) and
     removes every blob no remaining backup references.
   - Each backup commit adds a layer to the image a restored container runs on. When the committed image would have
