@@ -206,12 +206,17 @@ def test_retention_keeps_the_newest_complete_backup(container, tmp_path):
         b["digest"] for i in ids[1:] for b, _ in backup_store.manifest_blobs(s.read_manifest(container["name"], i))
     }
     assert {"sha256:" + n for n in os.listdir(s.blobs)} == referenced
-    # The newest backup loses a blob: the newest complete one is the one before; a restore takes that one.
+    # The newest backup loses a blob: a restore refuses it by its id and names the complete one before, which it
+    # takes only when asked for by its id (never an older backup on its own).
     newest = s.read_manifest(container["name"], ids[2])
     os.unlink(s.blob_path(newest["layers"][-1]["blobs"][-1]["digest"]))
-    checked = restore(container, store, verify_only=True)
+    refused = (
+        rf"the newest backup of container {container['name']}, {ids[2]}, cannot be restored.*newest first: {ids[1]}"
+    )
+    with pytest.raises(ModuleFail, match=refused):
+        restore(container, store, verify_only=True)
+    checked = restore(container, store, verify_only=True, backup=ids[1])
     assert checked["backup_id"] == ids[1]
-    assert any(f"backup {ids[2]} is incomplete" in w for w in checked["notices"])
     # keep_last 1: the new backup is now the newest complete one; both older ones go, and their blobs.
     latest = backup(container, store, keep_last=1)
     assert latest["removed_backups"] == ids[1:]
