@@ -96,6 +96,9 @@ def test_a_stopped_backup_thaws_the_container_and_removes_its_partial_files(busy
 
 def test_the_units_exec_stop_post_thaws_after_a_sigkill(busy):
     proc = start_timer_run(busy)
+    tmp = busy["store"] / "tmp"
+    # Killed once it has partial files too (the chunks of the writable layer it reads while paused).
+    assert wait_for(lambda: any(not n.startswith("paused-") for n in os.listdir(tmp)), timeout=60, interval=0.01)
     os.killpg(proc.pid, signal.SIGKILL)  # what systemd does once TimeoutStopSec has passed: no cleanup at all
     proc.communicate(timeout=30)
     assert inspect(busy["name"])["State"]["Paused"] is True
