@@ -139,9 +139,13 @@ def test_the_backup_timer_is_set_up(host):
     timer = host.service("gpulab-backup.timer")
     assert timer.is_enabled
     unit = host.file("/etc/systemd/system/gpulab-backup.service").content_string
-    assert "-m ansible_collections.gpulab.lab.plugins.module_utils.backup.cli backup --settings" in unit
+    command = "-m ansible_collections.gpulab.lab.plugins.module_utils.backup.cli"
+    # backup_containers empty: the timer asks the engine for the notebooks when it runs, and thaws after any run.
+    assert f"{command} backup --settings /usr/local/lib/gpulab/backup-timer.json --notebooks" in unit
+    assert f"ExecStopPost=/usr/bin/python3 {command} thaw --settings" in unit
+    assert "KillMode=mixed" in unit
     settings = json.loads(host.file("/usr/local/lib/gpulab/backup-timer.json").content_string)
-    assert settings["container"] == ["notebook-student1", "notebook-student2"]
+    assert "container" not in settings
     assert settings["store"] == "/var/backups/gpulab" and settings["keep_last"] == 3
     assert "OnCalendar=*-*-* 03:30:00" in host.file("/etc/systemd/system/gpulab-backup.timer").content_string
 
@@ -152,7 +156,11 @@ def test_the_timer_service_backs_up_on_its_own_after_the_restore(host, cycle):
     started = host.run("systemctl start gpulab-backup.service")
     journal = host.check_output("journalctl -u gpulab-backup.service --no-pager -o cat")
     assert started.rc == 0, started.stderr + journal[-3000:]
-    results = [json.loads(line) for line in journal.splitlines() if line.startswith("{")][-2:]
+    # The backup's results, one a container (the unit's ExecStopPost, cli thaw, prints its own line after them).
+    results = [
+        r for r in (json.loads(line) for line in journal.splitlines() if line.startswith("{")) if "container" in r
+    ]
+    results = results[-2:]
     assert sorted(r["container"] for r in results) == ["notebook-student1", "notebook-student2"]
     for result in results:
         assert result["path_taken"] == "overlay-upperdir", result["path_reason"]
