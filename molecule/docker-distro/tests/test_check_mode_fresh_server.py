@@ -95,3 +95,30 @@ def test_site_yml_check_diff_on_a_server_gpulab_has_not_touched(fresh_server):
         in run
     )
     assert snapshot(name) == before
+
+
+def test_backup_and_status_check_on_a_server_gpulab_has_not_touched(fresh_server, tmp_path):
+    """The other playbooks' check mode on the same fresh servers: role backup says what a real run would install and
+    set up (no store, no engine or no notebook yet: nothing to back up), role status reports the server as it is
+    (no GPU, the engine or its absence) and writes its report on the control node only."""
+    name, kind, inventory = fresh_server
+    before = snapshot(name)
+    backup = run_playbook(name, "gpulab.lab.backup", {}, "--check", "--diff", inventories=[inventory], timeout=600)
+    assert "python3-apt must be installed" not in backup.raw, backup.raw[-4000:]
+    assert backup.rc == 0 and backup.failed == 0, backup.raw[-4000:]
+    assert f"Check mode: apt cannot preview on {name} (python3-apt is not installed" in backup, backup.raw[-4000:]
+    assert "A real run would install zstd" in backup, backup.raw[-4000:]
+    if kind == "no-docker":
+        assert f"Check mode: no Docker engine answers on {name}: no container to back up yet" in backup, backup.raw
+    else:
+        assert f"No notebook container on {name} to back up" in backup, backup.raw[-4000:]
+    output = tmp_path / "status"
+    status = run_playbook(
+        name, "gpulab.lab.status", {"status_output_dir": str(output)}, "--check", inventories=[inventory], timeout=600
+    )
+    assert status.rc == 0 and status.failed == 0, status.raw[-4000:]
+    report = json.loads((output / "status.json").read_text())
+    server = next(entry for entry in report["servers"] if entry["host"] == name)
+    assert server["engine"]["running"] is (kind == "docker.io"), server
+    assert server["notebooks"] == [], server
+    assert snapshot(name) == before
