@@ -8,6 +8,7 @@ attribute's `support` (and `details` where it has some), as ansible.builtin's ac
       - gpulab.lab.attributes
       - gpulab.lab.attributes.idempotent      # modules that say whether a second run changes nothing
       - gpulab.lab.attributes.facts           # modules that return ansible_facts
+      - gpulab.lab.attributes.read_only       # modules that only read: check mode full, no diff, idempotent
 """
 
 
@@ -35,4 +36,17 @@ options: {}
 attributes:
   facts:
     description: Action returns an C(ansible_facts) dictionary that will update existing host facts.
+"""
+
+    READ_ONLY = r"""
+options: {}
+attributes:
+  check_mode:
+    support: full
+    details:
+      - This action does not modify state.
+  diff_mode:
+    support: none
+  idempotent:
+    support: full
 """

@@ -69,15 +69,8 @@ extends_documentation_fragment:
   - gpulab.lab.attributes
   - gpulab.lab.attributes.idempotent
   - gpulab.lab.attributes.facts
+  - gpulab.lab.attributes.read_only
 attributes:
-  check_mode:
-    support: full
-    details:
-      - This action does not modify state.
-  diff_mode:
-    support: none
-  idempotent:
-    support: full
   facts:
     support: full
 notes:

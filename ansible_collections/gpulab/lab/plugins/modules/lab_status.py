@@ -79,15 +79,7 @@ options:
 extends_documentation_fragment:
   - gpulab.lab.attributes
   - gpulab.lab.attributes.idempotent
-attributes:
-  check_mode:
-    support: full
-    details:
-      - This action does not modify state.
-  diff_mode:
-    support: none
-  idempotent:
-    support: full
+  - gpulab.lab.attributes.read_only
 notes:
   - Needs root to read the Jupyter configs (mode 0400, owned by each student) and the backup store (root only).
 seealso:
