@@ -387,16 +387,13 @@ def test_documentation_blocks_are_valid_yaml():
     assert doc["author"] == ["gpulab developers (!UNKNOWN)"]
     assert set(doc["options"]) == {"nvidia_smi_path", "timeout", "processes"}
     assert doc["options"]["timeout"]["default"] == 30
-    assert {name: value["support"] for name, value in doc["attributes"].items()} == {
-        "check_mode": "full",
-        "diff_mode": "none",
-        "idempotent": "full",
-        "facts": "full",
-    }
+    # check_mode, diff_mode and idempotent come from the fragment attributes.read_only (ansible-doc merges them)
+    assert {name: value["support"] for name, value in doc["attributes"].items()} == {"facts": "full"}
     assert doc["extends_documentation_fragment"] == [
         "gpulab.lab.attributes",
         "gpulab.lab.attributes.idempotent",
         "gpulab.lab.attributes.facts",
+        "gpulab.lab.attributes.read_only",
     ]
     assert isinstance(yaml.safe_load(gpu_facts.EXAMPLES), list)
     returned = yaml.safe_load(gpu_facts.RETURN)

@@ -378,11 +378,9 @@ def test_documentation_blocks_are_valid_yaml():
         "backup_unit",
         "timeout",
     }
-    assert {name: value["support"] for name, value in doc["attributes"].items()} == {
-        "check_mode": "full",
-        "diff_mode": "none",
-        "idempotent": "full",
-    }
+    # its attributes (check mode full, no diff, idempotent) are the fragment attributes.read_only's
+    assert "attributes" not in doc
+    assert "gpulab.lab.attributes.read_only" in doc["extends_documentation_fragment"]
     assert isinstance(yaml.safe_load(lab_status.EXAMPLES), list)
     returned = yaml.safe_load(lab_status.RETURN)["status"]["contains"]
     assert set(returned) == {"collected_at", "engine", "gpu", "notebooks", "backups"}
