@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "shared" / "tests"))
-from playbook_run import gpu_servers_inventory, run_playbook
+from playbook_run import JSON_RESULTS, playbook_runner
 
 ARCHIVES = Path(os.environ["MOLECULE_EPHEMERAL_DIRECTORY"]) / "archives"
 IMAGES = {
@@ -32,15 +32,8 @@ def hostname(host):
 @pytest.fixture(scope="module")
 def deepo_play(hostname, tmp_path_factory):
     """Run gpulab.lab.deepo against the instance (in group gpu_servers) with extra vars; returns a Run."""
-    groups = gpu_servers_inventory(tmp_path_factory.mktemp("inventory") / "gpu_servers.yml", hostname)
-
-    def run(extra_vars, *options):
-        return run_playbook(
-            hostname, "gpulab.lab.deepo", extra_vars, *options, inventories=[groups],
-            env={"ANSIBLE_CALLBACK_RESULT_FORMAT": "json"}, timeout=300,
-        )  # fmt: skip
-
-    return run
+    folder = tmp_path_factory.mktemp("inventory")
+    return playbook_runner(hostname, "gpulab.lab.deepo", folder, env=JSON_RESULTS, timeout=300)
 
 
 def image_ids(host):

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "shared" / "tests"))
-from playbook_run import gpu_servers_inventory, run_playbook
+from playbook_run import playbook_runner, run_playbook
 
 BUILD = "/var/tmp/gpulab-deepo-pull"
 MAIN = "127.0.0.1:5000/gpulab-test/deepo:all-py38-cpu"
@@ -24,13 +24,7 @@ MAIN = "127.0.0.1:5000/gpulab-test/deepo:all-py38-cpu"
 
 @pytest.fixture(scope="module")
 def deepo_play(host, tmp_path_factory):
-    hostname = host.backend.host
-    groups = gpu_servers_inventory(tmp_path_factory.mktemp("inventory") / "gpu_servers.yml", hostname)
-
-    def run(extra_vars):
-        return run_playbook(hostname, "gpulab.lab.deepo", extra_vars, inventories=[groups], timeout=300)
-
-    return run
+    return playbook_runner(host.backend.host, "gpulab.lab.deepo", tmp_path_factory.mktemp("inventory"), timeout=300)
 
 
 def image_id(host, name):

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "shared" / "tests"))
-from playbook_run import PROJECT_DIR, gpu_servers_inventory, run_playbook
+from playbook_run import JSON_RESULTS, PROJECT_DIR, playbook_runner
 
 STANDIN_DIR = "/srv/gpulab-nvidia/debs"  # where prepare built the stand-in .debs
 ADMIN_KEYS = {"max-concurrent-downloads": 7, "labels": ["gpulab-test=admin-key"]}
@@ -59,15 +59,7 @@ def hostname(host):
 @pytest.fixture(scope="module")
 def nvidia_play(hostname, tmp_path_factory):
     """Run gpulab.lab.nvidia against the instance (in group gpu_servers) with extra vars; returns a Run."""
-    groups = gpu_servers_inventory(tmp_path_factory.mktemp("inventory") / "gpu_servers.yml", hostname)
-
-    def run(extra_vars, *options):
-        return run_playbook(
-            hostname, "gpulab.lab.nvidia", extra_vars, *options, inventories=[groups],
-            env={"ANSIBLE_CALLBACK_RESULT_FORMAT": "json"},
-        )  # fmt: skip
-
-    return run
+    return playbook_runner(hostname, "gpulab.lab.nvidia", tmp_path_factory.mktemp("inventory"), env=JSON_RESULTS)
 
 
 # ---- the converged server -------------------------------------------------------------------------------------

@@ -19,6 +19,8 @@ import sys
 from pathlib import Path
 
 PROJECT_DIR = Path(os.environ.get("MOLECULE_PROJECT_DIRECTORY", Path(__file__).resolve().parents[3]))
+# run_playbook(..., env=JSON_RESULTS): each task's result as JSON in the output, for tests that read a result's fields
+JSON_RESULTS = {"ANSIBLE_CALLBACK_RESULT_FORMAT": "json"}
 
 
 class Run:
@@ -65,3 +67,14 @@ def run_playbook(hostname, playbook, extra_vars=None, *options, inventories=(), 
     environment["ANSIBLE_COLLECTIONS_PATH"] = collections_path()
     proc = subprocess.run(command, capture_output=True, text=True, env=environment, timeout=timeout, check=False)
     return Run(proc, hostname)
+
+
+def playbook_runner(hostname, playbook, folder, **defaults):
+    """A scenario's fixture in one line: run(extra_vars, *options) runs `playbook` against the instance put in group
+    gpu_servers (an inventory written in `folder`), with run_playbook's keyword arguments `defaults`."""
+    groups = gpu_servers_inventory(Path(folder) / "gpu_servers.yml", hostname)
+
+    def run(extra_vars=None, *options):
+        return run_playbook(hostname, playbook, extra_vars, *options, inventories=[groups], **defaults)
+
+    return run
