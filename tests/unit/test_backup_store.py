@@ -393,9 +393,16 @@ def test_verify_names_corrupt_and_missing_blobs(store):
     data[len(data) // 2] ^= 0x01
     os.chmod(path, 0o600)
     Path(path).write_bytes(bytes(data))
-    with pytest.raises(backup_common.BackupError, match=rf"layer 2 .*blob {digest} is corrupt"):
+    with pytest.raises(backup_common.BackupError, match=rf"layer 2 .*blob {digest} is corrupt .*moved to"):
         backup_verify.verify_backup(store, manifest, layer_content=False)
-    os.unlink(path)
+    # The restore's verification moved it to quarantine: the backup now lacks it, and names why.
+    assert not os.path.exists(path)
+    assert Path(store.quarantine_copy(digest)).read_bytes() == bytes(data)
+    with pytest.raises(
+        backup_common.BackupError, match=f"blob {digest} is damaged .quarantined: .*found by the restore"
+    ):
+        backup_verify.verify_backup(store, manifest)
+    os.unlink(store.quarantine_copy(digest) + ".json")
     with pytest.raises(backup_common.BackupError, match=f"blob {digest} is missing"):
         backup_verify.verify_backup(store, manifest)
 

@@ -8,9 +8,17 @@ The store (for example /var/backups/gpulab), root's only (mode 0700):
   blobs/sha256/<hex>                 a blob: zstd-compressed, named by the sha256 of its uncompressed content
   backups/<container>/<id>.json      a backup's manifest, written last: a backup without one does not exist
   tmp/                               temporary files while a blob or manifest is written; removed by the next run
-  lock                               flock: one backup at a time (exclusive), restores share it
+  quarantine/sha256/<hex>            a blob found corrupt (by the scrub, a restore's verification or a backup), moved
+  quarantine/sha256/<hex>.json       out of blobs/, and why: when, by what, which backups lacked it (Quarantined)
+  scrub/                             the scrub's state: when each blob was last verified (scrub.py)
+  lock                               flock: one backup at a time (exclusive), restores and the scrub share it
 Every blob and manifest is written to tmp/, fsynced, renamed into place and its folder fsynced, so a killed backup
 leaves at worst files in tmp/ and blobs no manifest references, both removed by the next backup.
+
+Whether a blob can be used (Store.usable: in blobs/ with its stored size, not quarantined) is asked in one place, by
+missing_blobs, blob_index and layer_index, which every reuse goes through: a quarantined blob is absent, so no new
+manifest references it, and the next backup whose source still has the content stores it again (retention() then
+says so and ends the quarantine: heal()).
 
 Manifests and their blob, layer and mount entries are JSON documents (the store's format) and stay dicts here.
 Compresses nothing (blobs.py writes blobs) and never talks to Docker.
@@ -24,6 +32,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from typing import NamedTuple
 
 from ansible_collections.gpulab.lab.plugins.module_utils.backup.common import (
@@ -33,6 +42,7 @@ from ansible_collections.gpulab.lab.plugins.module_utils.backup.common import (
     NAME_RE,
     BackupError,
     check_name,
+    now_utc,
 )
 from ansible_collections.gpulab.lab.plugins.module_utils.files import fsync_dir
 
@@ -63,6 +73,24 @@ class Listed(NamedTuple):
     mtime_ns: int
 
 
+class Quarantined(NamedTuple):
+    """A blob moved to quarantine: its digest, why, by what (scrub, restore, backup), when (UTC, and unix time), the
+    backups that referenced it then ((container, id, what) each), and, once a backup stored its content again, when
+    and by which backup."""
+
+    digest: str
+    why: str
+    found_by: str
+    found_utc: str
+    backups: list
+    found_at: float = 0.0
+    healed_utc: str | None = None
+    healed_by: str | None = None
+
+    def text(self):
+        return f"quarantined: {self.why}, found by the {self.found_by} at {self.found_utc}"
+
+
 class Store:
     """The content-addressed backup store in a folder of the server."""
 
@@ -77,6 +105,7 @@ class Store:
         self.blobs = os.path.join(self.path, "blobs", "sha256")
         self.backups = os.path.join(self.path, "backups")
         self.tmp = os.path.join(self.path, "tmp")
+        self.quarantine_dir = os.path.join(self.path, "quarantine", "sha256")
         self.lock_file = os.path.join(self.path, "lock")
 
     def create(self):
@@ -221,17 +250,29 @@ class Store:
             raise
         return final, len(data)
 
-    def missing_blobs(self, manifest):
-        """(digest, what) of the blobs of a manifest that are missing or have the wrong size on disk."""
+    # usable blobs: the one gate of every reuse, and the quarantine
+
+    def usable(self, blob, quarantined):
+        """Whether a manifest's blob entry can be used: its file is in blobs/ with the stored size, and it is not in
+        quarantine (quarantined: Store.quarantined(), asked once by the caller)."""
+        return blob["digest"] not in quarantined and self.blob_size(blob["digest"]) == blob["stored_size"]
+
+    def missing_blobs(self, manifest, quarantined=None):
+        """(digest, what) of the blobs of a manifest that cannot be used: quarantined, missing, or of the wrong size
+        on disk."""
+        quarantined = self.quarantined() if quarantined is None else quarantined
         problems = []
         for blob, what in manifest_blobs(manifest):
-            size = self.blob_size(blob["digest"])
-            if size is None:
-                problems.append((blob["digest"], f"{what}: blob {blob['digest']} is missing"))
-            elif size != blob["stored_size"]:
-                problems.append(
-                    (blob["digest"], f"{what}: blob {blob['digest']} has {size} bytes, not {blob['stored_size']}")
-                )
+            digest = blob["digest"]
+            if self.usable(blob, quarantined):
+                continue
+            size = self.blob_size(digest)
+            if digest in quarantined:
+                problems.append((digest, f"{what}: blob {digest} is damaged ({quarantined[digest].text()})"))
+            elif size is None:
+                problems.append((digest, f"{what}: blob {digest} is missing"))
+            else:
+                problems.append((digest, f"{what}: blob {digest} has {size} bytes, not {blob['stored_size']}"))
         return problems
 
     def _readable_manifests(self):
@@ -242,26 +283,147 @@ class Store:
                     yield self.read_manifest(container, backup_id)
 
     def blob_index(self):
-        """Blobs that manifests describe and that are on disk with their stored size: digest -> blob entry."""
-        index = {}
+        """Blobs that manifests describe and that can be used (Store.usable): digest -> blob entry."""
+        index, quarantined = {}, self.quarantined()
         for manifest in self._readable_manifests():
             for blob, _what in manifest_blobs(manifest):
-                if blob["digest"] not in index and self.blob_size(blob["digest"]) == blob["stored_size"]:
+                if blob["digest"] not in index and self.usable(blob, quarantined):
                     index[blob["digest"]] = dict(blob)
         return index
 
     def layer_index(self):
-        """Layers that manifests describe and whose blobs are all on disk with their stored size: diff_id -> layer
-        entry (a layer is a list of blobs: one from docker save, content-defined chunks from an upper directory)."""
-        index = {}
+        """Layers that manifests describe and whose blobs can all be used (Store.usable): diff_id -> layer entry (a
+        layer is a list of blobs: one from docker save, content-defined chunks from an upper directory)."""
+        index, quarantined = {}, self.quarantined()
         for manifest in self._readable_manifests():
             for layer in manifest.get("layers") or []:
                 blobs = layer.get("blobs") or []
-                if layer["diff_id"] not in index and all(
-                    self.blob_size(b["digest"]) == b["stored_size"] for b in blobs
-                ):
+                if layer["diff_id"] not in index and all(self.usable(b, quarantined) for b in blobs):
                     index[layer["diff_id"]] = {"diff_id": layer["diff_id"], "size": layer["size"], "blobs": blobs}
         return index
+
+    def _quarantine_record(self, digest):
+        return self.quarantine_copy(digest) + ".json"
+
+    def quarantine_copy(self, digest):
+        """Where the bad file of a quarantined blob is kept (for a look at it; never read by gpulab)."""
+        return os.path.join(self.quarantine_dir, self.blob_path(digest).rsplit("/", 1)[1])
+
+    def quarantine_records(self):
+        """Every quarantine record, healed or not: digest -> Quarantined."""
+        records = {}
+        with contextlib.suppress(FileNotFoundError):
+            for name in sorted(os.listdir(self.quarantine_dir)):
+                if not name.endswith(".json") or not DIGEST_RE.match("sha256:" + name[: -len(".json")]):
+                    continue
+                with contextlib.suppress(OSError, ValueError, TypeError):
+                    with open(os.path.join(self.quarantine_dir, name), encoding="utf-8") as f:
+                        record = Quarantined(**json.load(f))
+                    records[record.digest] = record
+        return records
+
+    def quarantined(self):
+        """The blobs in quarantine now (not stored again since): digest -> Quarantined."""
+        return {d: r for d, r in self.quarantine_records().items() if r.healed_utc is None}
+
+    def _write_record(self, record):
+        os.makedirs(self.quarantine_dir, mode=0o700, exist_ok=True)
+        final = self._quarantine_record(record.digest)
+        tmp = f"{final}.{os.getpid()}.tmp"  # beside it, not in tmp/ (tmp/ tells of an interrupted backup)
+        try:
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump(record._asdict(), f, indent=1, sort_keys=True)
+                f.write("\n")
+                f.flush()
+                os.fsync(f.fileno())
+            self.commit_file(tmp, final)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+
+    def referencing(self, digest):
+        """(container, backup id, what) of every readable backup that references a blob."""
+        return [
+            (m["container"], m["id"], what)
+            for m in self._readable_manifests()
+            for blob, what in manifest_blobs(m)
+            if blob["digest"] == digest
+        ]
+
+    def quarantine(self, digest, why, found_by):
+        """Move a blob found corrupt out of blobs/ into quarantine/, with its record written first (a run killed in
+        between leaves a record whose blob is still in blobs/: quarantined all the same, as usable() reads the record).
+        Call with the store's lock held, shared at least (no backup runs). Returns the Quarantined record."""
+        record = Quarantined(
+            digest, why, found_by, now_utc(), [list(r) for r in self.referencing(digest)], found_at=time.time()
+        )
+        self._write_record(record)
+        with contextlib.suppress(FileNotFoundError):
+            os.rename(self.blob_path(digest), self.quarantine_copy(digest))
+            fsync_dir(self.blobs)
+        return record
+
+    def quarantine_misfits(self, found_by="backup"):
+        """Quarantine the blobs in blobs/ whose size differs from the one every manifest records for them (a file cut
+        short or grown). Returns the Quarantined records."""
+        sizes, quarantined = {}, self.quarantined()
+        for manifest in self._readable_manifests():
+            for blob, _what in manifest_blobs(manifest):
+                sizes.setdefault(blob["digest"], set()).add(blob["stored_size"])
+        out = []
+        for digest, stored in sorted(sizes.items()):
+            size = self.blob_size(digest)
+            if size is not None and size not in stored and digest not in quarantined:
+                why = f"its file has {size} bytes, not {' or '.join(str(s) for s in sorted(stored))}"
+                out.append(self.quarantine(digest, why, found_by))
+        return out
+
+    def _whose(self, record):
+        """What a healed blob gave back: the backups that lacked it and are complete again, and those still not."""
+        again, still = [], []
+        for container, backup_id, _what in record.backups:
+            with contextlib.suppress(BackupError):
+                manifest = self.read_manifest(container, backup_id)
+                (still if self.missing_blobs(manifest) else again).append(f"{container} {backup_id}")
+        return (f"; complete again: {', '.join(sorted(set(again)))}" if again else "") + (
+            f"; still damaged: {', '.join(sorted(set(still)))}" if still else ""
+        )
+
+    def heal(self, container):
+        """After a backup of container: the quarantined blobs that a backup stored again (their file is back in
+        blobs/, written from the source) leave quarantine, and the bad copy is removed. Returns the warnings that say
+        so, and those that name the backups of container still damaged. Call with the exclusive lock held."""
+        quarantined = self.quarantined()
+        if not quarantined:
+            return []
+        newest = self.backups_of(container)[-1:]
+        newest_id = newest[0]["id"] if newest else None
+        warnings = []
+        for digest, record in sorted(quarantined.items()):
+            try:  # written after it was found: by a backup, from the source (not the bad file a killed run left)
+                if os.stat(self.blob_path(digest)).st_mtime <= record.found_at:
+                    continue
+            except FileNotFoundError:
+                continue
+            self._write_record(record._replace(healed_utc=now_utc(), healed_by=f"backup {newest_id} of {container}"))
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.quarantine_copy(digest))
+            warnings.append(
+                f"stored again from its source: blob {digest} ({record.text()}), by backup {newest_id} of "
+                f"{container}" + self._whose(record)
+            )
+        quarantined = self.quarantined()
+        for listed in self.listed(container):
+            if listed.manifest is None:
+                continue
+            lacks = [what for digest, what in self.missing_blobs(listed.manifest, quarantined) if digest in quarantined]
+            if lacks:
+                warnings.append(
+                    f"backup {listed.id} of {container} is damaged (the source no longer has that content): it lacks "
+                    + "; ".join(lacks)
+                )
+        return warnings
 
     def disk_usage(self):
         """Bytes the store takes on disk (allocated blocks of every file)."""
@@ -292,6 +454,11 @@ class Store:
         if removed:
             fsync_dir(os.path.join(self.backups, container))
         blobs, freed, warnings = self.collect_garbage()
+        warnings = [
+            f"blob {r.digest} was quarantined ({r.why}): backups that need it are damaged"
+            for r in self.quarantine_misfits("backup")
+        ] + warnings
+        warnings += self.heal(container)
         return Retention(removed, blobs, freed, warnings)
 
     def collect_garbage(self):
@@ -318,6 +485,11 @@ class Store:
                 removed.append(digest)
         if removed:
             fsync_dir(self.blobs)
+        for digest in self.quarantine_records():
+            if digest not in referenced:  # no backup needs it any more: neither the bad copy nor its record
+                for path in (self.quarantine_copy(digest), self._quarantine_record(digest)):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(path)
         return removed, freed, []
 
     # picking the backup a restore takes
