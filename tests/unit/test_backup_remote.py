@@ -209,13 +209,13 @@ def test_fetch_brings_the_newest_manifest_and_only_the_blobs_the_store_lacks(tmp
     remote.upload(settings)
     shutil.rmtree(settings.store)  # the reinstall
     fetched = remote.fetch(settings)
-    assert fetched == [remote.Fetched("nb", "20260102T000000.000Z-bbbbbb", 2, 900, 0)]
+    assert fetched == [remote.Fetched("nb", "20260102T000000.000Z-bbbbbb", 2, 900, 0, True)]
     store = Store(settings.store)
     assert store.backup_ids("nb") == ["20260102T000000.000Z-bbbbbb"]
     assert store.read_manifest("nb", newest["id"]) == newest
     assert not store.missing_blobs(newest)
     assert os.listdir(store.tmp) == []
-    assert remote.fetch(settings)[0].blobs == 0  # it has them now
+    assert remote.fetch(settings)[0][2:] == (0, 0, 2, False)  # it has them now
     older = remote.fetch(settings, ["nb"], "20260101T000000.000Z-aaaaaa")
     assert older[0].blobs == 1
     with pytest.raises(BackupError, match="has no backup 2025"):

@@ -109,11 +109,14 @@ class Pruned(NamedTuple):
 
 
 class Fetched(NamedTuple):
+    """A backup fetched: its blobs and bytes fetched, the blobs the store had; new: the store lacked it."""
+
     container: str
     backup_id: str
     blobs: int
     bytes: int
     blobs_local: int
+    new: bool = True
 
 
 class Scrubbed(NamedTuple):
@@ -300,6 +303,8 @@ def upload(settings, check_mode=False):
     """Copy to the remote the blobs of the store's manifests that it lacks (or holds with another size: a killed
     upload's), then the manifests it lacks. Returns Uploaded; raises RemoteError when the copy is incomplete."""
     start = time.monotonic()
+    if check_mode and not os.path.isdir(settings.store):
+        return Uploaded(0, 0, 0, 0, 0, 0.0, [f"the store {settings.store} does not exist yet: nothing to upload"])
     store = Store(settings.store)
     rclone = Rclone(settings)
     with local_lock(settings), store.lock(exclusive=False):
@@ -481,6 +486,10 @@ def fetch(settings, containers=(), backup_id="", check_mode=False):
 
 def _fetch_one(rclone, store, container, backup_id, *, ids, check_mode):
     settings = rclone.settings
+    with contextlib.suppress(BackupError):
+        have = store.read_manifest(container, backup_id)
+        if not store.missing_blobs(have):
+            return Fetched(container, backup_id, 0, 0, len({b["digest"] for b, _w in manifest_blobs(have)}), False)
     staging = tempfile.mkdtemp(prefix="remote-fetch-", dir=store.tmp if os.path.isdir(store.tmp) else None)
     try:
         name = f"{container}/{backup_id}.json"
