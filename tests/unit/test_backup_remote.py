@@ -209,13 +209,13 @@ def test_fetch_brings_the_newest_manifest_and_only_the_blobs_the_store_lacks(tmp
     remote.upload(settings)
     shutil.rmtree(settings.store)  # the reinstall
     fetched = remote.fetch(settings)
-    assert fetched == [remote.Fetched("nb", "20260102T000000.000Z-bbbbbb", 2, 900, 0, True)]
+    assert fetched == [remote.Fetched("nb", "20260102T000000.000Z-bbbbbb", 2, 900, 0, True, [])]
     store = Store(settings.store)
     assert store.backup_ids("nb") == ["20260102T000000.000Z-bbbbbb"]
     assert store.read_manifest("nb", newest["id"]) == newest
     assert not store.missing_blobs(newest)
     assert os.listdir(store.tmp) == []
-    assert remote.fetch(settings)[0][2:] == (0, 0, 2, False)  # it has them now
+    assert remote.fetch(settings)[0][2:5] == (0, 0, 2) and not remote.fetch(settings)[0].new  # it has them now
     older = remote.fetch(settings, ["nb"], "20260101T000000.000Z-aaaaaa")
     assert older[0].blobs == 1
     with pytest.raises(BackupError, match="has no backup 2025"):
@@ -303,3 +303,18 @@ def test_the_configuration_is_written_root_only_and_only_when_it_changes(tmp_pat
     assert remote.write_config(str(path), "[nas]\n")
     assert path.stat().st_mode & 0o777 == 0o600
     assert not remote.write_config(str(path), "[nas]\n")
+
+
+def test_a_blob_quarantined_in_the_store_is_fetched_again_from_the_remote_and_leaves_quarantine(tmp_path, nas):
+    settings = settings_for(tmp_path, "gpu1", nas)
+    store = Store(settings.store, create=True)
+    manifest = add_backup(store, "nb", "20260101T000000.000Z-aaaaaa", b"fine" * 64, b"also" * 64)
+    remote.upload(settings)
+    bad = manifest["layers"][0]["blobs"][0]["digest"]
+    store.quarantine(bad, "its content has another checksum", "scrub")
+    assert store.missing_blobs(manifest)
+    fetched = remote.fetch(settings)
+    assert fetched[0][2:4] == (1, 256)
+    assert any(bad in notice for notice in fetched[0].notices)
+    assert store.missing_blobs(manifest) == [] and store.quarantined() == {}
+    assert remote.upload(settings).blobs == 0  # nothing new for the remote

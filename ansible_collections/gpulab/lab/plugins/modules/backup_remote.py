@@ -239,7 +239,7 @@ def run(module):
             "changed": any(f.new for f in fetched),
             "fetched": [f._asdict() for f in fetched],
             "containers": [f.container for f in fetched],
-            "notices": [],
+            "notices": [n for f in fetched for n in f.notices],
         }
     scrubbed = remote.scrub(settings)
     if scrubbed.problems:

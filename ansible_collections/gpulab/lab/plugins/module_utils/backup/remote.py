@@ -109,7 +109,8 @@ class Pruned(NamedTuple):
 
 
 class Fetched(NamedTuple):
-    """A backup fetched: its blobs and bytes fetched, the blobs the store had; new: the store lacked it."""
+    """A backup fetched: its blobs and bytes fetched, the blobs the store had; new: the store lacked it; notices:
+    quarantined blobs of the store that the fetch healed."""
 
     container: str
     backup_id: str
@@ -117,6 +118,7 @@ class Fetched(NamedTuple):
     bytes: int
     blobs_local: int
     new: bool = True
+    notices: tuple = ()
 
 
 class Scrubbed(NamedTuple):
@@ -309,12 +311,11 @@ def upload(settings, check_mode=False):
     rclone = Rclone(settings)
     with local_lock(settings), store.lock(exclusive=False):
         manifests, warnings = local_manifests(store)
-        local = {}
+        local, quarantined = {}, store.quarantined()
         for _name, manifest, _size in manifests:
             for blob, _what in manifest_blobs(manifest):
-                size = store.blob_size(blob["digest"])
-                if size == blob["stored_size"]:
-                    local[blob_name(blob["digest"])] = size
+                if store.usable(blob, quarantined):  # a blob found corrupt here is never sent
+                    local[blob_name(blob["digest"])] = blob["stored_size"]
         if check_mode:
             return _plan_upload(rclone, local, manifests, warnings, start)
         clear_own_locks(rclone)
@@ -486,9 +487,10 @@ def fetch(settings, containers=(), backup_id="", check_mode=False):
 
 def _fetch_one(rclone, store, container, backup_id, *, ids, check_mode):
     settings = rclone.settings
+    quarantined = store.quarantined() if os.path.isdir(store.path) else {}
     with contextlib.suppress(BackupError):
         have = store.read_manifest(container, backup_id)
-        if not store.missing_blobs(have):
+        if not store.missing_blobs(have, quarantined):
             return Fetched(container, backup_id, 0, 0, len({b["digest"] for b, _w in manifest_blobs(have)}), False)
     staging = tempfile.mkdtemp(prefix="remote-fetch-", dir=store.tmp if os.path.isdir(store.tmp) else None)
     try:
@@ -509,7 +511,7 @@ def _fetch_one(rclone, store, container, backup_id, *, ids, check_mode):
             ) from None
         needed = {}
         for blob, what in manifest_blobs(manifest):
-            if store.blob_size(blob["digest"]) != blob["stored_size"]:
+            if not store.usable(blob, quarantined):
                 needed.setdefault(blob_name(blob["digest"]), (blob, what))
         size = sum(blob["stored_size"] for blob, _w in needed.values())
         local = len({b["digest"] for b, _w in manifest_blobs(manifest)}) - len(needed)
@@ -522,14 +524,20 @@ def _fetch_one(rclone, store, container, backup_id, *, ids, check_mode):
         except RemoteError as e:
             _check_fetched(settings, manifest, folder, needed, e)
         _check_fetched(settings, manifest, folder, needed, None)
+        # Written now, as far as the store can tell (rclone keeps the remote's times): a quarantined blob fetched
+        # again is healed (Store.heal reads a blob written after it was found as stored again), and the manifest is
+        # the store's newest.
         for hex_name in sorted(needed):
+            os.utime(os.path.join(folder, hex_name))
             os.rename(os.path.join(folder, hex_name), os.path.join(store.blobs, hex_name))
         if needed:
             fsync_dir(store.blobs)
         manifest_folder = os.path.join(store.backups, container)
         os.makedirs(manifest_folder, mode=0o700, exist_ok=True)
+        os.utime(os.path.join(staging, name))
         store.commit_file(os.path.join(staging, name), store.manifest_path(container, backup_id))
-        return Fetched(container, backup_id, len(needed), size, local)
+        healed = store.heal(container) if quarantined else []
+        return Fetched(container, backup_id, len(needed), size, local, True, healed)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
