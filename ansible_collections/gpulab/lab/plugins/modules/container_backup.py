@@ -128,6 +128,12 @@ options:
         V(false) always commits and saves.
     type: bool
     default: true
+  full_read_days:
+    description:
+      - A work directory is read incrementally (only its files whose metadata changed since the previous backup);
+        after this many days a backup reads every file again, in case metadata lied. V(0) never does.
+    type: int
+    default: 7
 extends_documentation_fragment: [gpulab.lab.attributes, gpulab.lab.attributes.idempotent, gpulab.lab.docker]
 attributes: {check_mode: {support: full}, diff_mode: {support: none}, idempotent: {support: none}}
 notes:
@@ -253,17 +259,35 @@ run_settings:
   type: dict
   returned: always
 notices:
-  description: Things the backup did or met that the user should know (flattening, files changed while archived, ...).
+  description:
+    - Things the backup did or met that the user should know (flattening, files changed while archived, ...), among
+      them the blobs it stored again from their source after they were found corrupt, and the backups of the
+      container still damaged.
   type: list
   elements: str
   returned: always
+backups:
+  description:
+    - The container's backups in the store after this one, oldest first, as C(list) of the backup command line shows
+      them - C(backup_id), C(created), C(complete), C(damaged) with C(lacks) (what each damaged backup lacks, and why),
+      and C(last_verified) (UTC time at which the scrub last verified every blob of the backup; null when it has not
+      yet).
+  type: list
+  elements: dict
+  returned: success with format store, not in check mode
+damaged_backups:
+  description: IDs of the container's backups that are damaged (their RV(backups) entries say what each lacks).
+  type: list
+  elements: str
+  returned: success with format store, not in check mode
 """
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ansible_collections.gpulab.lab.plugins.module_utils.backup import options
+from ansible_collections.gpulab.lab.plugins.module_utils.backup import options, scrub
 from ansible_collections.gpulab.lab.plugins.module_utils.backup.backup import BackupJob
 from ansible_collections.gpulab.lab.plugins.module_utils.backup.module import run_job
+from ansible_collections.gpulab.lab.plugins.module_utils.backup.store import Store
 
 
 def main():
@@ -275,7 +299,13 @@ def main():
 
     def backup():
         job = BackupJob(**module.params)
-        return job.plan() if module.check_mode else job.run()
+        if module.check_mode:
+            return job.plan()
+        result = job.run()
+        if module.params["format"] == "store":
+            backups = scrub.listing(Store(module.params["store"]), module.params["container"])
+            result.update(backups=backups, damaged_backups=[b["backup_id"] for b in backups if b["damaged"]])
+        return result
 
     run_job(module, "backing up", backup)
 

@@ -8,14 +8,17 @@
     ... thaw --settings FILE     (the unit's ExecStopPost: what a killed backup left paused, and its partial files)
     ... restore --store DIR --container NAME [--backup ID] [--verify-only] ...
     ... list --store DIR [--container NAME]
+    ... scrub --store DIR [--period-days N] [--all] [--check]   (the verify timer: blobs read back and checked)
 
 Its flags are the options of container_backup and container_restore (options.py), and a settings file holds them by
 their names. --notebooks: also every notebook container role notebook made (label io.gpulab.notebook.user), asked of
 the engine when the command runs. A backup prints one JSON result per container and line; errors go to stderr as one
 line each (never a traceback), every container is attempted, and the exit status is 1 when any container was not
-backed up (the last line names them). SIGTERM and SIGINT (`systemctl stop`) stop it cleanly: what it paused is thawed
-and its partial files removed, and it exits with 128 + the signal's number. Parses and prints only: the work is
-BackupJob's and RestoreJob's.
+backed up (the last line names them); a line names the store's damaged backups, if any. scrub verifies its share of
+the store (scrub.py), prints its result as one JSON line, and exits 1 when the store holds damaged backups (the verify
+timer's unit fails and its journal names them). SIGTERM and SIGINT (`systemctl stop`) stop it cleanly: what it paused
+is thawed and its partial files removed (a scrub keeps what it verified), and it exits with 128 + the signal's number.
+Parses and prints only: the work is BackupJob's, RestoreJob's and scrub.py's.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import signal
 import sys
 
 from ansible_collections.gpulab.lab.plugins.module_utils import docker_api as api
-from ansible_collections.gpulab.lab.plugins.module_utils.backup import options, sources
+from ansible_collections.gpulab.lab.plugins.module_utils.backup import options, scrub, sources
 from ansible_collections.gpulab.lab.plugins.module_utils.backup.backup import BackupJob
 from ansible_collections.gpulab.lab.plugins.module_utils.backup.common import (
     BackupError,
@@ -38,7 +41,7 @@ from ansible_collections.gpulab.lab.plugins.module_utils.backup.common import (
     os_error_text,
 )
 from ansible_collections.gpulab.lab.plugins.module_utils.backup.restore import RestoreJob
-from ansible_collections.gpulab.lab.plugins.module_utils.backup.store import Store, manifest_blobs
+from ansible_collections.gpulab.lab.plugins.module_utils.backup.store import Store
 
 PROG = "python3 -m ansible_collections.gpulab.lab.plugins.module_utils.backup.cli"
 # thaw reads the backup's flags and settings file (it needs the store and the engine of the timer's backup).
@@ -59,23 +62,38 @@ def err(line):
 
 
 def list_store(store_path, container=None):
+    """The store's backups (scrub.listing: complete or damaged and what each lacks, when each was last verified)."""
     store = Store(store_path)
-    out = []
-    for name in [check_name(container, "container name")] if container else store.containers():
-        for manifest in store.backups_of(name):
-            blobs = {b["digest"]: b for b, _what in manifest_blobs(manifest)}
-            out.append(
-                {
-                    "container": name,
-                    "backup_id": manifest["id"],
-                    "created": manifest.get("created_utc"),
-                    "layers": len(manifest.get("layers") or []),
-                    "mounts": [m["source"] for m in manifest.get("mounts") or []],
-                    "stored_bytes": sum(b["stored_size"] for b in blobs.values()),
-                    "complete": not store.missing_blobs(manifest),
-                }
-            )
-    return {"store": store.path, "backups": out, "store_bytes": store.disk_usage()}
+    if container:
+        check_name(container, "container name")
+    backups = scrub.listing(store, container)
+    return {
+        "store": store.path,
+        "backups": backups,
+        "damaged": [b["backup_id"] for b in backups if b["damaged"]],
+        "store_bytes": store.disk_usage(),
+    }
+
+
+def tell_damage(store_path):
+    """A line naming the store's damaged backups (the journal of the timer shows it), if there are any."""
+    with contextlib.suppress(BackupError, OSError):
+        damaged = [b for b in scrub.listing(Store(store_path)) if b["damaged"]]
+        if damaged:
+            err(f"damaged backups in {store_path}: {scrub.damaged_text(damaged)}")
+
+
+def run_scrub(args):
+    """scrub: one run (scrub.scrub), its result as one JSON line; 1 when the store holds damaged backups."""
+    try:
+        report = scrub.scrub(args.store, period_days=args.period_days, full=args.all, check_mode=args.check)
+    except Stopped as e:
+        err(f"scrub of {args.store} stopped ({e.signame}): what it verified is kept, its next run goes on from there")
+        e.told = True
+        raise
+    out(json.dumps(report.as_dict(), sort_keys=True))
+    err(report.msg)
+    return 1 if report.damaged or report.quarantined else 0
 
 
 def notebooks(engine):
@@ -148,6 +166,11 @@ def parser():
     listing = sub.add_parser("list", help="list the backups in the store")
     listing.add_argument("--store", required=True)
     listing.add_argument("--container")
+    check = sub.add_parser("scrub", help="read back and check the store's blobs that are due (the verify timer)")
+    check.add_argument("--store", required=True)
+    check.add_argument("--period-days", type=int, default=30, help="days within which every blob is verified")
+    check.add_argument("--all", action="store_true", help="verify every blob now (resumes a full run that stopped)")
+    check.add_argument("--check", action="store_true", help="find, quarantine nothing, write nothing")
     return top
 
 
@@ -199,6 +222,8 @@ def backup_all(args, params):
             failed.append(container)
     if failed:
         err(f"{len(failed)} of {len(names)} container(s) not backed up: {', '.join(failed)}")
+    if params.get("store"):
+        tell_damage(params["store"])
     return 1 if failed else 0
 
 
@@ -206,6 +231,8 @@ def run(args):
     if args.command == "list":
         out(json.dumps(list_store(args.store, args.container), indent=1))
         return 0
+    if args.command == "scrub":
+        return run_scrub(args)
     if args.command == "restore":
         params = options.params_of(args, options.RESTORE)
         out(json.dumps(RestoreJob(**params).run(), indent=1))
