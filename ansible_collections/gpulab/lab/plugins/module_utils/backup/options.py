@@ -65,6 +65,7 @@ BACKUP = (
     Option("compression_level", "int", DEFAULT_LEVEL, help="zstd level: 1 to 19, or -1 to -7 (--fast=N)"),
     *ENGINE,
     Option("fast_path", "bool", True, help="read the overlay2 upper directory when the engine allows it"),
+    Option("full_read_days", "int", 7, help="read every file again after so many days (metadata may lie); 0: never"),
 )
 BACKUP_REQUIRED_IF = (("format", "store", ("store",)), ("format", "docker-archive", ("archive_path",)))
 
@@ -74,6 +75,7 @@ RESTORE = (
     Option("backup", "str", help="the backup's id; the newest complete one when omitted"),
     Option("force", "bool", False, help="replace an existing container of that name"),
     Option("restore_workdir", "bool", True, flags=("--no-workdir",), help="unpack the bind-mount sources"),
+    Option("keep_present_mounts", "bool", False, help="keep a bind-mount source that holds files as it is"),
     Option("verify_only", "bool", False, help="only verify the backup (in full); do not talk to Docker"),
     Option("verify", "str", "content", choices=VERIFY_MODES),
     Option("env", "dict", no_log=True, help="NAME=VALUE set on the restored container (repeat)"),
