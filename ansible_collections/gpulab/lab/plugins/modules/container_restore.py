@@ -48,8 +48,18 @@ description:
     result (RV(workdir_moved_aside)) and a notice say where.
   - Creates the container with its saved run settings, labels it C(io.gpulab.backup.restored-from=<backup id>) and
     starts it if it was running when it was backed up.
-  - An existing container of the same name is left alone, and the module says so, unless O(force=true); it is then
-    removed (after the image is loaded) and created again.
+  - An existing container of the same name, without O(force=true), is left alone when it was restored from this
+    backup already, or is the container the backup was taken from (it existed under that name, on the same image, when
+    the backup was made); the module says so and changes nothing.
+  - A fresh notebook container that gpulab created and whose student changed nothing in it is replaced without
+    O(force) (what C(site.yml) makes on a reinstalled server before the restore). Fresh, strictly - labelled by role
+    notebook, not restored, on the very image the lab configured for it, its writable layer holding only what
+    Jupyter's start and the engine write (Jupyter's runtime folder C(/tmp/jupyter-runtime), the mount points), its
+    read-write bind mounts (the work directory) only the empty folder C(.ipython) IPython makes there. It is checked
+    again just before it is removed.
+  - Any other existing container is refused without O(force) - the module fails, naming the container and what it
+    holds, and says how to force; nothing is changed. With O(force=true) it is removed (after the image is loaded) and
+    created again.
   - Takes a shared lock on the store, so that no backup removes blobs while they are read.
 author:
   - gpulab developers (!UNKNOWN)
@@ -73,6 +83,15 @@ options:
     description: Unpack the archived bind-mount sources (work directory, config files).
     type: bool
     default: true
+  keep_present_mounts:
+    description:
+      - Leave a bind-mount source that holds files on the server (anything but the empty folders Jupyter's start
+        makes) as it is, and unpack only the missing or empty ones. Its files are the student's live work, newer than
+        the backup; RV(workdir_kept) names them.
+      - Role backup's automatic restore of a missing notebook (C(site.yml), O(backup_auto_restore)) sets it; an
+        explicit restore (C(restore.yml)) puts every source back as the backup has it.
+    type: bool
+    default: false
   verify_only:
     description: Only verify the backup (every checksum); do not talk to Docker.
     type: bool
@@ -208,12 +227,21 @@ workdir_moved_aside:
       description: The paths moved, relative to the source (a folder moved whole is one path).
       type: list
       elements: str
+workdir_kept:
+  description: Bind-mount sources left as the server has them (O(keep_present_mounts)).
+  type: list
+  elements: str
+  returned: always
 replaced_container:
-  description: Whether an existing container of that name was removed (O(force=true)).
+  description: Whether an existing container of that name was removed (O(force=true), or a fresh one).
+  type: bool
+  returned: always
+replaced_fresh:
+  description: Whether the container removed was a fresh notebook that held no change of its student's (no O(force)).
   type: bool
   returned: always
 container_exists:
-  description: True when an existing container was left alone.
+  description: True when an existing container was left alone (restored from this backup, or its source).
   type: bool
   returned: when it was
 container_id:

@@ -12,13 +12,23 @@ read through (its listing) before anything changes too, and a work directory is 
 (mounts.py). The backup is the one asked for or the newest, which must be complete (store.pick): never an older one on
 its own, since that would give the container and its files back as they were at another time. Writes nothing to the
 store (it holds the store's lock shared, so that no backup removes blobs meanwhile).
+
+A container of the same name that exists already is judged before anything changes (judge_existing): one restored
+from this backup, or the one this backup was taken from, is left alone (its files are the backup's or newer); a fresh
+notebook that gpulab created and whose student changed nothing in it (fresh_changes: its writable layer and work
+directory hold only what Jupyter's start writes) is replaced without force, as after `site.yml` on a reinstalled
+server; any other is refused, naming what it holds, unless force says to replace it.
 """
 
 from __future__ import annotations
 
+import calendar
 import dataclasses
 import hashlib
 import json
+import os
+import re
+import stat
 import time
 from dataclasses import dataclass, field, replace
 from typing import NamedTuple
@@ -46,9 +56,152 @@ from ansible_collections.gpulab.lab.plugins.module_utils.backup.streams import (
 )
 from ansible_collections.gpulab.lab.plugins.module_utils.backup.verify import verify_backup
 
+# Role notebook's labels on a student's container (plugins/filter/notebook_server.py): whose notebook it is, and the
+# image the lab configured for it.
+NOTEBOOK_USER_LABEL = "io.gpulab.notebook.user"
+NOTEBOOK_IMAGE_LABEL = "io.gpulab.notebook.image"
+# What the start of a notebook nobody has used leaves where its student writes. In the container's writable layer:
+# Jupyter's runtime folder (role notebook keeps it in the container, files/gpulab_jupyter_config.py), and the mount
+# points the engine makes for the container's mounts and its init. In the work directory (HOME): IPython's empty
+# folder. Anything else is a change of the student's.
+JUPYTER_RUNTIME_DIR = "/tmp/jupyter-runtime"  # noqa: S108 (a path inside the container)
+ENGINE_PATHS = ("/etc/hostname", "/etc/hosts", "/etc/resolv.conf")
+INIT_PATHS = ("/sbin/docker-init", "/usr/sbin/docker-init")
+JUPYTER_HOME_FOLDERS = frozenset({".ipython"})
+CHANGE_KINDS = {0: "changed", 1: "added", 2: "deleted"}  # GET /containers/<id>/changes
+
 
 class _EngineRefused(BackupError):
     """The engine refused the image we streamed (not a problem of the backup itself)."""
+
+
+class Existing(NamedTuple):
+    """What a restore without force does with a container of the same name: keep (left alone, no error), replace (a
+    fresh notebook), refuse (an error); and why, in words."""
+
+    action: str
+    why: str
+
+
+def docker_time(text):
+    """Seconds since the epoch of the engine's RFC 3339 time ("2026-12-01T10:44:52.123456789Z"); None if unreadable."""
+    match = re.match(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(\.\d+)?(Z|[+-]\d\d:\d\d)$", str(text or ""))
+    if not match:
+        return None
+    seconds = calendar.timegm(time.strptime(match.group(1), "%Y-%m-%dT%H:%M:%S")) + float(match.group(2) or 0)
+    zone = match.group(3)
+    if zone != "Z":
+        seconds -= (1 if zone[0] == "+" else -1) * (int(zone[1:3]) * 3600 + int(zone[4:6]) * 60)
+    return seconds
+
+
+def student_files(path):
+    """What a bind-mount source holds beyond the empty folders Jupyter's start makes there (JUPYTER_HOME_FOLDERS):
+    names relative to it, a folder with something in it marked '/'; [] for an empty one. A file (or a symlink) as the
+    source is itself the student's; a missing source holds nothing."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return []
+    if not stat.S_ISDIR(st.st_mode):
+        return [os.path.basename(path)]
+    found = []
+    for name in sorted(os.listdir(path)):
+        full = os.path.join(path, name)
+        if name in JUPYTER_HOME_FOLDERS and os.path.isdir(full) and not os.path.islink(full) and not os.listdir(full):
+            continue
+        found.append(name + "/" if os.path.isdir(full) and not os.path.islink(full) else name)
+    return found
+
+
+def _engine_made(info):
+    """Paths of the writable layer the engine and Jupyter's start write (the mount points of the container's mounts
+    and init, the network files, Jupyter's runtime folder), and the folders above them, which those writes make or
+    change."""
+    made = {m.get("Destination") for m in info.get("Mounts") or []} | set(ENGINE_PATHS)
+    if (info.get("HostConfig") or {}).get("Init"):
+        made |= set(INIT_PATHS)
+    made = {os.path.normpath(p) for p in made if p} | {JUPYTER_RUNTIME_DIR}
+    above = set()
+    for path in made:
+        parent = path
+        while parent != "/":
+            parent = os.path.dirname(parent)
+            above.add(parent)
+    return made, above - made
+
+
+def fresh_changes(engine, info):
+    """Why a container is not a fresh notebook of gpulab's that its student never changed: [] when it is one.
+
+    Fresh, strictly: labelled by role notebook, not restored from a backup, on the very image the lab configured for
+    it (not one carried over or restored), its writable layer holding nothing but what Jupyter's start and the engine
+    write (Jupyter's runtime folder, the mount points), its read-write bind mounts (the work directory) nothing but the
+    empty folders Jupyter's start makes. Whatever cannot be read counts as a change (any doubt keeps the container)."""
+    labels = (info.get("Config") or {}).get("Labels") or {}
+    if not labels.get(NOTEBOOK_USER_LABEL):
+        return [f"it is not a notebook gpulab created (no label {NOTEBOOK_USER_LABEL})"]
+    if labels.get(RESTORED_LABEL):
+        return [f"it was restored from backup {labels[RESTORED_LABEL]}"]
+    configured = labels.get(NOTEBOOK_IMAGE_LABEL)
+    image = engine.image(configured) if configured else None
+    if not image or image["Id"] != info.get("Image"):
+        return [
+            f"it does not run on the plain image the lab configured for it ({configured or 'no label'}): an "
+            "environment carried over or restored"
+        ]
+    status, body = engine.request("GET", f"/containers/{info['Id']}/changes")
+    if status != 200:
+        return [f"its writable layer cannot be read (the engine answered {status} to GET /changes)"]
+    made, above = _engine_made(info)
+    found = []
+    for change in json.loads(body or b"null") or []:
+        path, kind = os.path.normpath(change.get("Path") or "/"), change.get("Kind")
+        # A folder above those the engine made for them (or changed): what else it holds shows as its own entries.
+        ours = any(path == p or path.startswith(p.rstrip("/") + "/") for p in made) or path in above
+        if not (ours and kind in (0, 1)):
+            found.append(f"{CHANGE_KINDS.get(kind, 'changed')} {path}")
+    if found:
+        found = [f"its writable layer holds changes ({', '.join(found[:8])}{', ...' if len(found) > 8 else ''})"]
+    for mount in info.get("Mounts") or []:
+        if mount.get("Type") == "bind" and mount.get("RW") and mount.get("Source"):
+            names = student_files(mount["Source"])
+            if names:
+                shown = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
+                found.append(f"its bind mount {mount['Source']} holds {shown}")
+    return found
+
+
+def judge_existing(engine, info, manifest):
+    """What a restore without force does with the existing container info (GET /containers/<name>/json) of the
+    backup manifest's name. Keep it when it was restored from this backup or is the container the backup was taken
+    from (it existed under that name, on the same image, when the backup was made: its files are at least as new);
+    replace it when it is a fresh notebook (fresh_changes); refuse otherwise, saying what it holds and how to force."""
+    name, backup_id = manifest["container"], manifest["id"]
+    labels = (info.get("Config") or {}).get("Labels") or {}
+    if labels.get(RESTORED_LABEL) == backup_id:
+        return Existing("keep", f"container {name} was restored from backup {backup_id} already and was left alone")
+    created = docker_time(info.get("Created"))
+    source_image = manifest["run_settings"].get("image_id")
+    if created is not None and created < manifest.get("created", 0) and info.get("Image") == source_image:
+        return Existing(
+            "keep",
+            f"container {name} is the one backup {backup_id} was taken from (it existed on the same image when the "
+            "backup was made, so its files are the backup's or newer) and was left alone",
+        )
+    changes = fresh_changes(engine, info)
+    if not changes:
+        return Existing(
+            "replace",
+            f"the fresh container {name} that gpulab created, which holds no change of its student's, was replaced",
+        )
+    return Existing(
+        "refuse",
+        f"container {name} exists and may hold its student's work: {'; '.join(changes)}. It was left alone and "
+        f"nothing was changed; backup {backup_id} was not restored. To replace the container with the backup (what "
+        "it holds is then lost: back it up first with gpulab.lab.backup), give force: true (playbook "
+        f'gpulab.lab.restore: -e backup_restore_force=true -e \'{{"backup_containers": ["{name}"]}}\')',
+    )
 
 
 class Loaded(NamedTuple):
@@ -83,7 +236,9 @@ class RestoreReport:
     bytes_sent: int = 0
     workdir_restored: list = field(default_factory=list)
     workdir_moved_aside: list = field(default_factory=list)
+    workdir_kept: list = field(default_factory=list)
     replaced_container: bool = False
+    replaced_fresh: bool = False
     container_id: str | None = None
     container_started: bool = False
     seconds: float = 0.0
@@ -182,6 +337,7 @@ class RestoreJob:
         self.store = Store(p["store"])
         self.force = p["force"]
         self.restore_workdir = p["restore_workdir"]
+        self.keep_present_mounts = p["keep_present_mounts"]
         self.verify_only = p["verify_only"]
         self.verify = p["verify"]
         self.env = {str(k): "" if v is None else str(v) for k, v in (p["env"] or {}).items()}
@@ -203,13 +359,12 @@ class RestoreJob:
                 self.engine = api.Engine(self.docker_host, self.timeout)
                 existing = self.engine.container(self.name)
                 if existing and not self.force:
-                    return replace(
-                        report,
-                        changed=False,
-                        container_exists=True,
-                        msg=f"container {self.name} exists on the engine and was left alone (force: true replaces it "
-                        f"with backup {manifest['id']})",
-                    ).as_dict()
+                    verdict = judge_existing(self.engine, existing, manifest)
+                    if verdict.action == "refuse":
+                        raise BackupError(verdict.why)
+                    if verdict.action == "keep":
+                        return replace(report, changed=False, container_exists=True, msg=verdict.why).as_dict()
+                    report = replace(report, replaced_fresh=True)
                 self._check_can_create(manifest)
             self.progress.set("verify")
             if check_mode and not self.verify_only:
@@ -231,7 +386,7 @@ class RestoreJob:
                     progress=self.progress,
                 )
                 # Each archive's listing too, before Docker or a file changes: what the work directory will hold.
-                mounts = manifest.get("mounts") or [] if self.restore_workdir else []
+                mounts, kept = self._mounts(manifest)
                 kinds = [archive_kinds(self.store, m) for m in mounts]
             except BackupError as e:
                 raise BackupError(f"{e} {self.store.choices(self.name, manifest['id'])}") from e
@@ -245,7 +400,7 @@ class RestoreJob:
             if self.verify_only:
                 msg = f"backup {manifest['id']} of {self.name} is complete and intact"
                 return replace(report, changed=False, msg=msg).as_dict()
-            report = self._restore(manifest, existing, report, kinds)
+            report = self._restore(manifest, existing, replace(report, workdir_kept=kept), zip(mounts, kinds))
         return replace(report, seconds=round(time.monotonic() - started, 2), timings=self.progress.remove()).as_dict()
 
     def _report(self, manifest):
@@ -259,8 +414,18 @@ class RestoreJob:
             warnings=self.warnings,
         )
 
+    def _mounts(self, manifest):
+        """The bind-mount archives to unpack, and the sources kept as the server has them (keep_present_mounts: a
+        source that holds files is the student's live work, newer than any backup)."""
+        mounts = manifest.get("mounts") or [] if self.restore_workdir else []
+        if not self.keep_present_mounts:
+            return mounts, []
+        kept = [m["source"] for m in mounts if student_files(m["source"])]
+        return [m for m in mounts if m["source"] not in kept], kept
+
     def _would(self, manifest, existing):
-        mounts = [m["source"] for m in manifest.get("mounts") or []] if self.restore_workdir else []
+        unpacked, kept = self._mounts(manifest)
+        mounts = [m["source"] for m in unpacked]
         return (
             f"would load backup {manifest['id']} of {self.name} ({len(manifest['layers'])} layers), "
             + (
@@ -269,7 +434,12 @@ class RestoreJob:
                 if mounts
                 else ""
             )
-            + ("replace the existing container" if existing else "create the container")
+            + (f"keep {', '.join(kept)} as the server has it, " if kept else "")
+            + (
+                f"replace the existing container{' (fresh)' if not self.force else ''}"
+                if existing
+                else "create the container"
+            )
             + (" and start it" if self._should_start(manifest) else "")
         )
 
@@ -293,14 +463,23 @@ class RestoreJob:
             if status == 404:
                 raise BackupError(f"{self.name} was on network {network}, which the engine lacks: create it first")
 
-    def _restore(self, manifest, existing, report, kinds):
+    def _restore(self, manifest, existing, report, mounts):
+        """mounts: (archive entry, its listing) of each bind-mount source to unpack."""
         loaded = self._load_image(manifest)
         if existing:
+            if report.replaced_fresh:  # again, at the last moment: the student may have begun to work in it
+                now = self.engine.container(existing["Id"]) or existing
+                changes = fresh_changes(self.engine, now)
+                if changes:
+                    raise BackupError(
+                        f"container {self.name} was fresh but changed while backup {manifest['id']} was loaded "
+                        f"({'; '.join(changes)}); it was left alone (the backup's image is loaded as {report.image})"
+                    )
             self.progress.set("removing the existing container")
             self.engine.json("DELETE", api.query(f"/containers/{existing['Id']}", force="1"))
         restored, moved = [], []
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-        for mount, listing in zip(manifest.get("mounts") or [], kinds):
+        for mount, listing in mounts:
             self.progress.set("restoring bind mounts", mount=mount["source"])
             done = restore_mount(self.store, mount, listing, stamp)
             restored.append(done.source)
@@ -334,7 +513,18 @@ class RestoreJob:
             container_id=container_id,
             container_started=started,
             msg=f"restored {self.name} from backup {manifest['id']}"
-            + (" (replacing the existing container)" if existing else "")
+            + (
+                " (replacing the fresh container gpulab had created, which held no change of its student's)"
+                if report.replaced_fresh
+                else " (replacing the existing container)"
+                if existing
+                else ""
+            )
+            + (
+                f"; kept {', '.join(report.workdir_kept)} as the server has it (it holds files)"
+                if report.workdir_kept
+                else ""
+            )
             + (", started" if started else ""),
         )
 
