@@ -44,20 +44,22 @@ def restored(name, owner, image_label, backup="20261129T101500Z-1a2b3c"):
     return entry
 
 
-def test_a_restored_notebook_keeps_the_backups_image_while_the_lab_image_is_unchanged():
+def test_a_restored_notebook_is_noted_and_planned_on_the_lab_image():
+    """Module notebook_containers keeps the container's image (the backup's, with what the student installed) and
+    decides about a new lab image by the image policy: the plan only notes the restore."""
     first, second = plan(containers=[restored("notebook-student1", "student1", IMAGE)])["users"]
-    assert first["image"] == "gpulab-backup/notebook-student1:20261129T101500Z-1a2b3c"
+    assert first["image"] == IMAGE
     assert first["restored_from"] == "20261129T101500Z-1a2b3c"
     assert first["labels"]["io.gpulab.backup.restored-from"] == "20261129T101500Z-1a2b3c"
-    assert first["labels"]["io.gpulab.notebook.image"] == IMAGE  # what the lab configured, still
+    assert first["labels"]["io.gpulab.notebook.image"] == IMAGE
     assert second["image"] == IMAGE and "restored_from" not in second
 
 
-def test_a_new_lab_image_replaces_a_restored_notebooks_image():
-    old = restored("notebook-student1", "student1", "gpulab-test/dl-notebook:old")
-    first, _ = plan(containers=[old])["users"]
-    assert first["image"] == IMAGE and "restored_from" not in first
-    assert "io.gpulab.backup.restored-from" not in first["labels"]
+def test_each_user_gets_the_image_policy_of_the_entry_or_the_role():
+    result = plan(image_policy="rebase")
+    assert [u["image_policy"] for u in result["users"]] == ["rebase", "rebase"]
+    bad = errors_of(with_entry(image_policy="upgrade"))
+    assert "entry 3 (student3): image_policy must be one of keep, rebase, replace, not 'upgrade'" in bad
 
 
 def test_a_restored_container_of_another_owner_is_not_adopted():

@@ -47,6 +47,8 @@ def notebook_access_sheet(plan_users, users, server, ssh_port=22, host=""):
         lines.append(f"login: {login}")
         lines.append(f"state: {user['state']}; container {user['container']}; GPUs {user['gpus']}")
         lines.append(f"files: {user['workdir']} on the server, {user['container_workdir']} in the notebook")
+        if user.get("pending_update"):
+            lines.append(f"update: {user['pending_update']}")
         lines.append("")
     return "\n".join(lines)
 
@@ -62,8 +64,22 @@ def notebook_summary(plan_users, server, ssh_port=22, sheet=""):
             f"{user['name']}: {user['state']}, port {user['port']}, GPUs {user['gpus']}, login by {user['auth']}; "
             f"{_ssh_command(user, server, ssh_port)} then http://localhost:{user['local_port']}/"
             + (f" (URL with token: {sheet})" if "token" in user["auth"] else "")
+            + (f"; {user['pending_update']}" if user.get("pending_update") else "")
         )
     return lines
+
+
+def notebook_applied(plan_users, notebooks):
+    """The plan's users with what module notebook_containers found for each (an image update left pending)."""
+    found = {n["name"]: n for n in notebooks or [] if isinstance(n, dict)}
+    users = []
+    for planned in plan_users or []:
+        user = dict(planned)
+        pending = (found.get(user["name"]) or {}).get("pending_update")
+        if pending:
+            user["pending_update"] = pending
+        users.append(user)
+    return users
 
 
 def notebook_preview(plan_users):
@@ -88,5 +104,6 @@ class FilterModule:
         return {
             "notebook_access_sheet": notebook_access_sheet,
             "notebook_summary": notebook_summary,
+            "notebook_applied": notebook_applied,
             "notebook_preview": notebook_preview,
         }

@@ -225,9 +225,19 @@ def notebook_jupyter_config(users, user, seed):
     return json.dumps(config, indent=2, sort_keys=True) + "\n"
 
 
+def notebook_jupyter_configs(users, plan_users, seed):
+    """{name: the JSON config} of every planned user that is not absent (holds the secrets: for a no_log option)."""
+    return {
+        user["name"]: notebook_jupyter_config(users, user, seed)
+        for user in plan_users or []
+        if user.get("state") != "absent" and user.get("flavour")
+    }
+
+
 class FilterModule:
     def filters(self):
         return {
+            "notebook_jupyter_configs": notebook_jupyter_configs,
             "notebook_flavours": notebook_flavours,
             "notebook_commands": notebook_commands,
             "notebook_jupyter_config": notebook_jupyter_config,

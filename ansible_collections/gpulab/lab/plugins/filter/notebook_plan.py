@@ -43,6 +43,7 @@ from ansible_collections.gpulab.lab.plugins.filter.notebook_server import (
 STATES = ("started", "stopped", "absent")
 IPC_MODES = ("host", "private", "shareable")
 AUTH_MODES = ("required", "none")
+IMAGE_POLICIES = ("keep", "rebase", "replace")
 ENTRY_KEYS = {
     "name",
     "port",
@@ -65,6 +66,7 @@ ENTRY_KEYS = {
     "uid",
     "gid",
     "ssh_user",
+    "image_policy",
 }
 SECRET_KEYS = ("token", "password", "password_hash")
 
@@ -94,7 +96,7 @@ def _has(entry, key):
 def notebook_plan(users, settings):
     """Validate notebook_users as a whole against the server; return {"users": [...], "errors": [...]}.
 
-    settings: host, bind_address, default_image, frontend, ipc_mode, container_prefix, config_dir,
+    settings: host, bind_address, default_image, frontend, ipc_mode, image_policy, container_prefix, config_dir,
     gpu (gpu_facts' gpulab_gpu), accounts ({name: [password, uid, gid, ...]} as getent passwd gives it),
     paths ({path: {"exists": bool, "isdir": bool}}, or the role's list of stat results),
     containers (docker's /containers/json entries, all states), listeners (["address:port", ...] of listening TCP
@@ -359,6 +361,10 @@ def _plan_jupyter(entry, user, settings):
     if frontend not in FRONTENDS:
         errors.append(f"frontend must be notebook or lab, not {frontend!r}")
     user.update(image=image, frontend=frontend)
+    policy = entry.get("image_policy") or settings.get("image_policy") or "keep"
+    if policy not in IMAGE_POLICIES:
+        errors.append(f"image_policy must be one of {', '.join(IMAGE_POLICIES)}, not {policy!r}")
+    user["image_policy"] = policy
     return errors
 
 

@@ -14,18 +14,19 @@ import ipaddress
 import posixpath
 import re
 
+from ansible_collections.gpulab.lab.plugins.module_utils.notebook.desired import (  # noqa: F401 (re-exported)
+    LABEL_IMAGE,
+    LABEL_LIMITS,
+    LABEL_RESTORED,
+    LABEL_ROLE,
+    LABEL_USER,
+)
+
 GPU_UUID_RE = re.compile(r"^(GPU|MIG)-[0-9A-Za-z-]+$")
-# How gpulab knows its notebook containers, and whose each is.
-LABEL_USER = "io.gpulab.notebook.user"
-LABEL_ROLE = "io.gpulab.notebook"
-# The resource limits, also as a label: a new limit changes the label, so the container is recreated with it.
-# (docker update, which community.docker's docker_container would use otherwise, cannot remove a limit and refuses to
-# raise the memory limit above the swap limit set at creation.)
-LABEL_LIMITS = "io.gpulab.notebook.limits"
-# The image the lab configured for the notebook, recorded on the container; and the label module container_restore
-# puts on a container it rebuilt from a backup (its image is then the backup's, holding what the student installed).
-LABEL_IMAGE = "io.gpulab.notebook.image"
-LABEL_RESTORED = "io.gpulab.backup.restored-from"
+# How gpulab knows its notebook containers and whose each is, the limits as a label (a new limit changes the
+# settings gpulab sets, so the container is recreated with it: docker update cannot remove a limit), the lab image
+# it was configured with, and the label container_restore puts on a container it rebuilt from a backup: one set of
+# names, module notebook_containers' (module_utils/notebook/desired.py).
 LIMITS = ("memory", "cpus", "shm_size")
 
 # ---- small helpers ----------------------------------------------------------------------------------------------
@@ -75,22 +76,14 @@ def as_int(value):
 
 def keep_restored_images(planned, settings):
     """A notebook restored from a backup (playbooks/restore.yml) runs the backup's image, which holds what the student
-    installed in the container. While the lab's configured image for that user is still the one the container was made
-    from, the plan keeps the restored image (and the restore label), so that the next run of site.yml does not
-    recreate the container from the plain image and lose the student's work. A new image in the inventory wins."""
+    installed in the container: the plan notes it (restored_from) and keeps the restore label. Module
+    notebook_containers keeps the container's image whatever it is (it carries the environment over when it must
+    recreate the container), and applies a new lab image by the student's image policy."""
     by_name = {container_name(c): c for c in settings.get("containers") or []}
     for _position, _where, user in planned:
-        container = by_name.get(user["container"]) or {}
-        labels = container.get("Labels") or {}
-        if (
-            user["state"] != "absent"
-            and labels.get(LABEL_USER) == user["name"]
-            and labels.get(LABEL_RESTORED)
-            and labels.get(LABEL_IMAGE) == user["image"]
-            and container.get("Image")
-        ):
+        labels = (by_name.get(user["container"]) or {}).get("Labels") or {}
+        if user["state"] != "absent" and labels.get(LABEL_USER) == user["name"] and labels.get(LABEL_RESTORED):
             user["restored_from"] = labels[LABEL_RESTORED]
-            user["image"] = container["Image"]
             user["labels"][LABEL_RESTORED] = labels[LABEL_RESTORED]
 
 
@@ -182,6 +175,18 @@ def notebook_workdirs(users):
     return found
 
 
+def notebook_paths(stat_output, asked=()):
+    """{path: {"exists": bool, "isdir": bool}} of the paths asked, from `stat --printf '%F\\t%n\\n' PATH...` (a
+    missing path is not listed: it does not exist). One command for every workdir and its parent, instead of one task
+    per path."""
+    paths = {path: {"exists": False, "isdir": False} for path in asked or ()}
+    for line in str(stat_output or "").splitlines():
+        kind, _tab, path = line.partition("\t")
+        if path:
+            paths[path] = {"exists": True, "isdir": kind == "directory"}
+    return paths
+
+
 def notebook_mounts(findmnt_output):
     """{mount point: file system type} from `findmnt --raw --noheadings --output TARGET,FSTYPE` (raw output writes a
     space in a path as \\x20)."""
@@ -245,5 +250,6 @@ class FilterModule:
         return {
             "notebook_listeners": notebook_listeners,
             "notebook_mounts": notebook_mounts,
+            "notebook_paths": notebook_paths,
             "notebook_workdirs": notebook_workdirs,
         }
