@@ -37,6 +37,17 @@ def test_the_access_sheet_leaves_out_removed_users_and_uses_the_bind_address():
     assert "ssh: ssh -L 7778:10.0.0.5:7778 s2@gpu01" in sheet
 
 
+def test_a_pending_image_update_is_in_the_sheet_and_the_summary():
+    pending = "image update pending: the notebook runs on lab:1 as it was; to take it, set image_policy: rebase"
+    planned = nb.notebook_applied(plan()["users"], [{"name": "student1", "pending_update": pending}, {"x": 1}])
+    assert planned[0]["pending_update"] == pending and "pending_update" not in planned[1]
+    sheet = nb.notebook_access_sheet(planned, users(), "gpu01")
+    assert sheet.split("[student2]")[0].endswith(f"update: {pending}\n\n")
+    assert "update:" not in sheet.split("[student2]")[1]
+    summary = nb.notebook_summary(planned, "gpu01")
+    assert summary[0].endswith(f"; {pending}") and pending not in summary[1]
+
+
 def test_the_summary_holds_no_secret():
     planned = plan([*users(), {"name": "old", "state": "absent"}])["users"]
     lines = nb.notebook_summary(planned, "gpu01", 22, "~/.gpulab/access/gpu01.txt")

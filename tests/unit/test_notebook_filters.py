@@ -55,6 +55,27 @@ def test_a_restored_notebook_is_noted_and_planned_on_the_lab_image():
     assert second["image"] == IMAGE and "restored_from" not in second
 
 
+def test_one_stat_command_tells_which_workdirs_and_parents_exist():
+    found = server.notebook_paths(
+        "directory\t/srv/notebooks\nregular file\t/srv/notebooks/not-a-folder\n",
+        ["/srv/notebooks", "/srv/notebooks/not-a-folder", "/srv/notebooks/new"],
+    )
+    assert found == {
+        "/srv/notebooks": {"exists": True, "isdir": True},
+        "/srv/notebooks/not-a-folder": {"exists": True, "isdir": False},
+        "/srv/notebooks/new": {"exists": False, "isdir": False},
+    }
+    result = plan(with_entry(workdir="/srv/notebooks/not-a-folder"), paths=found)
+    assert "workdir /srv/notebooks/not-a-folder exists on the server and is not a folder" in " ".join(result["errors"])
+
+
+def test_the_jupyter_configs_of_every_planned_user_who_is_not_absent():
+    planned = [{"name": "student1", "state": "started", "flavour": "notebook6"}, {"name": "old", "state": "absent"}]
+    configs = jupyter.notebook_jupyter_configs([{"name": "student1", "token": "t" * 24}], planned, "gpu01")
+    assert list(configs) == ["student1"]
+    assert json.loads(configs["student1"])["NotebookApp"]["token"] == "t" * 24
+
+
 def test_each_user_gets_the_image_policy_of_the_entry_or_the_role():
     result = plan(image_policy="rebase")
     assert [u["image_policy"] for u in result["users"]] == ["rebase", "rebase"]

@@ -71,7 +71,7 @@ def notebook_summary(plan_users, server, ssh_port=22, sheet=""):
 
 def notebook_applied(plan_users, notebooks):
     """The plan's users with what module notebook_containers found for each (an image update left pending)."""
-    found = {n["name"]: n for n in notebooks or [] if isinstance(n, dict)}
+    found = {n.get("name"): n for n in notebooks or [] if isinstance(n, dict)}
     users = []
     for planned in plan_users or []:
         user = dict(planned)
