@@ -23,17 +23,18 @@ from backup_harness import (
     run_container,
     run_module,
     sh,
+    timer_lib,
     tiny_fixture,  # noqa: F401 (the fixture tiny)
 )
 from module_harness import ModuleFail
 
 from ansible_collections.gpulab.lab.plugins.module_utils.backup import cli as backup_cli
 from ansible_collections.gpulab.lab.plugins.module_utils.backup import common as backup_common
-from ansible_collections.gpulab.lab.plugins.module_utils.backup import scrub as backup_scrub
+from ansible_collections.gpulab.lab.plugins.module_utils.backup import scrub
 from ansible_collections.gpulab.lab.plugins.module_utils.backup import store as backup_store
 from ansible_collections.gpulab.lab.plugins.module_utils.backup import verify as backup_verify
 from ansible_collections.gpulab.lab.plugins.module_utils.files import file_sha256
-from ansible_collections.gpulab.lab.plugins.modules import container_backup, container_restore
+from ansible_collections.gpulab.lab.plugins.modules import backup_scrub, container_backup, container_restore
 
 pytestmark = [needs_docker, pytest.mark.usefixtures("capture_exit")]
 DAY = 86400
@@ -160,7 +161,7 @@ def test_content_the_source_no_longer_has_is_never_referenced_again(containers, 
     m1 = read_json(first["manifest"])
     chunk = m1["layers"][-1]["blobs"][0]["digest"]
     flip_a_byte(store.blob_path(chunk))
-    report = backup_scrub.scrub(str(store_dir), full=True)
+    report = scrub.scrub(str(store_dir), full=True)
     assert [q["digest"] for q in report.quarantined] == [chunk]
     assert [d["backup_id"] for d in report.damaged] == [first["backup_id"]]
     sh("docker", "exec", c["name"], "sh", "-c", "rm /root/model.bin /root/x")  # the content is gone from the source
@@ -189,7 +190,7 @@ def test_a_damaged_image_layer_shared_by_two_containers(containers, tmp_path):
     assert manifests[1]["layers"][1] == layer
     digest = layer["blobs"][0]["digest"]
     bad = flip_a_byte(store.blob_path(digest))
-    report = backup_scrub.scrub(str(store_dir), full=True)
+    report = scrub.scrub(str(store_dir), full=True)
     assert [q["digest"] for q in report.quarantined] == [digest]
     assert sorted(d["container"] for d in report.damaged) == sorted([a["name"], b["name"]])
     assert all(any(layer["diff_id"] in lack for lack in d["lacks"]) for d in report.damaged)
@@ -272,20 +273,20 @@ def test_the_scrub_covers_the_store_within_its_period(tmp_path):
     start = os.stat(store.blobs).st_mtime + 60
     seen, checked = set(), []
     for day in range(10):  # a daily timer, a period of 10 days
-        report = backup_scrub.scrub(store.path, period_days=10, now=start + day * DAY)
+        report = scrub.scrub(store.path, period_days=10, now=start + day * DAY)
         checked.append(report.blobs_checked)
         state = read_json(Path(store.path) / "scrub" / "state.json")
         seen |= set(state["verified"])
     assert len(seen) == 40  # every blob within the period
     assert max(checked) <= 6  # a tenth of the store a day (4 blobs), not all at once
     assert sum(checked) <= 48
-    report = backup_scrub.scrub(store.path, period_days=10, now=start + 10 * DAY)
+    report = scrub.scrub(store.path, period_days=10, now=start + 10 * DAY)
     assert report.verified_within_period == 1.0
     # Twenty days without a run: everything is overdue, and one run verifies it all.
-    late = backup_scrub.scrub(store.path, period_days=10, now=start + 30 * DAY)
+    late = scrub.scrub(store.path, period_days=10, now=start + 30 * DAY)
     assert late.blobs_checked == 40
     with pytest.raises(backup_common.BackupError, match="at least 1 day"):
-        backup_scrub.scrub(store.path, period_days=0)
+        scrub.scrub(store.path, period_days=0)
 
 
 KILLER = """
@@ -312,17 +313,17 @@ def test_a_scrub_killed_outright_resumes_where_it_was(tmp_path):
     state = read_json(Path(store.path) / "scrub" / "state.json")
     assert len(state["verified"]) == 10
     assert state["full_started"] is not None  # a full run in progress
-    resumed = backup_scrub.scrub(store.path, full=True)
+    resumed = scrub.scrub(store.path, full=True)
     assert (resumed.resumed, resumed.finished, resumed.blobs_checked) == (True, True, 20)
     assert read_json(Path(store.path) / "scrub" / "state.json")["full_started"] is None
-    again = backup_scrub.scrub(store.path, full=True)
+    again = scrub.scrub(store.path, full=True)
     assert (again.resumed, again.blobs_checked) == (False, 30)
 
 
 def test_a_stopped_scrub_keeps_what_it_verified(tmp_path, monkeypatch):
     store, _manifest = a_store(tmp_path, count=12)
-    monkeypatch.setattr(backup_scrub, "SLICE_BYTES", 1)
-    real, calls = backup_scrub.check_blobs, []
+    monkeypatch.setattr(scrub, "SLICE_BYTES", 1)
+    real, calls = scrub.check_blobs, []
 
     def stopped_at_the_fifth(*args, **kwargs):
         calls.append(1)
@@ -330,20 +331,81 @@ def test_a_stopped_scrub_keeps_what_it_verified(tmp_path, monkeypatch):
             raise backup_common.Stopped("SIGTERM")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(backup_scrub, "check_blobs", stopped_at_the_fifth)
+    monkeypatch.setattr(scrub, "check_blobs", stopped_at_the_fifth)
     with pytest.raises(backup_common.Stopped):
-        backup_scrub.scrub(store.path, full=True)
+        scrub.scrub(store.path, full=True)
     assert len(read_json(Path(store.path) / "scrub" / "state.json")["verified"]) == 4
-    monkeypatch.setattr(backup_scrub, "check_blobs", real)
-    assert backup_scrub.scrub(store.path, full=True).blobs_checked == 8
+    monkeypatch.setattr(scrub, "check_blobs", real)
+    assert scrub.scrub(store.path, full=True).blobs_checked == 8
 
 
 def test_check_mode_finds_and_moves_nothing(tmp_path):
     store, manifest = a_store(tmp_path, count=3)
     digest = manifest["layers"][0]["blobs"][0]["digest"]
     bad = flip_a_byte(store.blob_path(digest))
-    report = backup_scrub.scrub(store.path, full=True, check_mode=True)
+    report = scrub.scrub(store.path, full=True, check_mode=True)
     assert [(q["digest"], q["quarantined"]) for q in report.quarantined] == [(digest, False)]
     assert Path(store.blob_path(digest)).read_bytes() == bad
     assert not (Path(store.path) / "scrub" / "state.json").exists()
     assert not os.path.exists(store.quarantine_copy(digest) + ".json")
+
+
+def verify_unit_command(store_dir, python, period_days=30):
+    """argv of the verify timer's ExecStart, rendered from role backup's tasks/schedule.yml as the role renders it."""
+    import shlex  # noqa: PLC0415
+
+    import jinja2  # noqa: PLC0415
+    import yaml  # noqa: PLC0415
+
+    role = ROOT / "ansible_collections/gpulab/lab/roles/backup"
+    assert (
+        "\nExecStart={{ __backup_verify_command }}\n"
+        in (role / "templates/gpulab-backup-verify.service.j2").read_text()
+    )
+    tasks = yaml.safe_load((role / "tasks/schedule.yml").read_text())
+    task = next(t for t in tasks if t["name"] == "Install the verify service and timer")
+    text = jinja2.Template(task["vars"]["__backup_verify_command"]).render(
+        backup_store_dir=str(store_dir), backup_verify_period_days=period_days
+    )
+    return [python if a == "/usr/bin/python3" else a for a in shlex.split(text)]
+
+
+def test_the_verify_timers_command_fails_while_the_store_holds_damaged_backups(tmp_path):
+    store, manifest = a_store(tmp_path, count=6)
+    env, python = timer_lib(tmp_path)
+    argv = verify_unit_command(store.path, python, period_days=1)
+    ok = subprocess.run(argv, env=env, capture_output=True, text=True, check=False, timeout=120)
+    assert ok.returncode == 0, ok.stderr
+    assert json.loads(ok.stdout)["blobs_checked"] == 6  # a period of a day: the whole store is its share
+    digest = manifest["layers"][4]["blobs"][0]["digest"]
+    flip_a_byte(store.blob_path(digest))
+    (Path(store.path) / "scrub" / "state.json").unlink()  # every blob due again
+    bad = subprocess.run(argv, env=env, capture_output=True, text=True, check=False, timeout=120)
+    assert bad.returncode == 1  # the unit fails: systemctl status and the timer's list show it
+    assert "Traceback" not in bad.stderr
+    line = bad.stderr.strip().splitlines()[-1]
+    assert line.startswith(f"gpulab_backup: scrub of {store.path}: ")
+    assert f"DAMAGED backups: kim {manifest['id']} lacks layer 5" in line
+    assert "stores the content again from its source" in line
+    again = subprocess.run(argv, env=env, capture_output=True, text=True, check=False, timeout=120)
+    assert again.returncode == 1  # still failing while the backup stays damaged, even with nothing new found
+    assert json.loads(again.stdout)["quarantined"] == []
+
+
+def test_module_backup_scrub(tmp_path):
+    store, manifest = a_store(tmp_path, count=4)
+    digest = manifest["layers"][1]["blobs"][0]["digest"]
+    flip_a_byte(store.blob_path(digest))
+    planned = run_module(backup_scrub, {"store": store.path}, check_mode=True)
+    assert (planned["changed"], planned["check_mode"]) == (False, True)
+    assert [q["digest"] for q in planned["quarantined"]] == [digest]
+    assert os.path.exists(store.blob_path(digest))  # check mode moves nothing
+    done = run_module(backup_scrub, {"store": store.path})
+    assert done["changed"] is True
+    assert [d["backup_id"] for d in done["damaged"]] == [manifest["id"]]
+    assert [b["damaged"] for b in done["backups"]] == [True]
+    assert "DAMAGED backups" in done["msg"]
+    again = run_module(backup_scrub, {"store": store.path, "full": False})
+    assert again["changed"] is False
+    with pytest.raises(ModuleFail, match="not a backup store"):
+        run_module(backup_scrub, {"store": str(tmp_path)})

@@ -73,8 +73,8 @@ def _verify_blob(store, blob, what, content):
             return None
     try:
         found, size = _content_digest(path)
-    except BackupError as e:
-        bad = f"it cannot be decompressed: {e}"
+    except BackupError as e:  # zstd's own words at the end ("Restored data doesn't match checksum")
+        bad = f"it cannot be decompressed: {str(e).rsplit(' : ', 1)[-1]}"
     else:
         if found == digest and size == blob["size"]:
             return None
@@ -169,7 +169,7 @@ def quarantine_corrupt(store, problems, found_by):
             texts.append(problem.text)
             continue
         try:
-            store.quarantine(problem.digest, problem.text.split(": blob ", 1)[-1], found_by)
+            store.quarantine(problem.digest, problem.text.split(f"blob {problem.digest} is ", 1)[-1], found_by)
             texts.append(f"{problem.text}; moved to {store.quarantine_copy(problem.digest)}, never used again")
         except OSError as e:
             texts.append(f"{problem.text}; it could not be moved to quarantine ({os_error_text(e)})")
