@@ -88,7 +88,7 @@ options:
       - Leave a bind-mount source that holds files on the server (anything but the empty folders Jupyter's start
         makes) as it is, and unpack only the missing or empty ones. Its files are the student's live work, newer than
         the backup; RV(workdir_kept) names them.
-      - Role backup's automatic restore of a missing notebook (C(site.yml), O(backup_auto_restore)) sets it; an
+      - Role backup's automatic restore of a missing notebook (C(site.yml), its C(backup_auto_restore)) sets it; an
         explicit restore (C(restore.yml)) puts every source back as the backup has it.
     type: bool
     default: false
