@@ -208,6 +208,10 @@ def test_a_container_restored_from_the_backup_or_its_source_is_left_alone(lab):
     assert source["backup_id"] == newer["backup_id"] and source["changed"] is False
     assert f"is the one backup {newer['backup_id']} was taken from" in source["msg"]
     assert inspect(lab.name)["Id"] == restored["container_id"]
+    # Asked for by its id, going back to that backup is the point: refused without force, naming why.
+    with pytest.raises(ModuleFail, match="it is the container the backup was taken from, with what its student did"):
+        lab.restore(backup=newer["backup_id"])
+    assert inspect(lab.name)["Id"] == restored["container_id"]
 
 
 def test_keep_present_mounts_keeps_a_work_directory_that_holds_files(lab):

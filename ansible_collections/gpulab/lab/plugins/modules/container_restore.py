@@ -50,7 +50,7 @@ description:
     starts it if it was running when it was backed up.
   - An existing container of the same name, without O(force=true), is left alone when it was restored from this
     backup already, or is the container the backup was taken from (it existed under that name, on the same image, when
-    the backup was made); the module says so and changes nothing.
+    the backup was made) and O(backup) is not given; the module says so and changes nothing.
   - A fresh notebook container that gpulab created and whose student changed nothing in it is replaced without
     O(force) (what C(site.yml) makes on a reinstalled server before the restore). Fresh, strictly - labelled by role
     notebook, not restored, on the very image the lab configured for it, its writable layer holding only what

@@ -172,24 +172,27 @@ def fresh_changes(engine, info):
     return found
 
 
-def judge_existing(engine, info, manifest):
+def judge_existing(engine, info, manifest, asked=False):
     """What a restore without force does with the existing container info (GET /containers/<name>/json) of the
-    backup manifest's name. Keep it when it was restored from this backup or is the container the backup was taken
-    from (it existed under that name, on the same image, when the backup was made: its files are at least as new);
-    replace it when it is a fresh notebook (fresh_changes); refuse otherwise, saying what it holds and how to force."""
+    backup manifest's name. Keep it when it was restored from this backup or, unless the backup was asked for by its
+    id (asked: going back to it is then the point), is the container the backup was taken from (it existed under that
+    name, on the same image, when the backup was made: its files are at least as new); replace it when it is a fresh
+    notebook (fresh_changes); refuse otherwise, saying what it holds and how to force."""
     name, backup_id = manifest["container"], manifest["id"]
     labels = (info.get("Config") or {}).get("Labels") or {}
     if labels.get(RESTORED_LABEL) == backup_id:
         return Existing("keep", f"container {name} was restored from backup {backup_id} already and was left alone")
     created = docker_time(info.get("Created"))
     source_image = manifest["run_settings"].get("image_id")
-    if created is not None and created < manifest.get("created", 0) and info.get("Image") == source_image:
+    source = created is not None and created < manifest.get("created", 0) and info.get("Image") == source_image
+    if source and not asked:
         return Existing(
             "keep",
             f"container {name} is the one backup {backup_id} was taken from (it existed on the same image when the "
             "backup was made, so its files are the backup's or newer) and was left alone",
         )
-    changes = fresh_changes(engine, info)
+    changes = ["it is the container the backup was taken from, with what its student did since"] if source else []
+    changes = changes or fresh_changes(engine, info)
     if not changes:
         return Existing(
             "replace",
@@ -359,7 +362,7 @@ class RestoreJob:
                 self.engine = api.Engine(self.docker_host, self.timeout)
                 existing = self.engine.container(self.name)
                 if existing and not self.force:
-                    verdict = judge_existing(self.engine, existing, manifest)
+                    verdict = judge_existing(self.engine, existing, manifest, asked=bool(self.backup_id))
                     if verdict.action == "refuse":
                         raise BackupError(verdict.why)
                     if verdict.action == "keep":
