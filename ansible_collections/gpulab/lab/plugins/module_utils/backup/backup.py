@@ -123,9 +123,13 @@ class BackupJob:
         self.engine = api.Engine(p["docker_host"], self.timeout)
         self.progress = Progress(p["progress_file"])
         self.fast_path = bool(p["fast_path"])
+        self.full_read_days = int(p["full_read_days"])
+        if self.full_read_days < 0:
+            raise BackupError(f"full_read_days must be 0 (never) or more, not {self.full_read_days}")
         self.path_taken = None
         self.path_reason = None
         self.container = None
+        self.workdir_pauses = []  # the pauses for work-directory files that kept changing while they were read
 
     # what there is
 
@@ -244,9 +248,24 @@ class BackupJob:
 
     def _archive_mounts(self, store, previous, known):
         archived = []
+
+        def pause():
+            paused = sources.PausedIfItCan(self.container, store)
+            self.workdir_pauses.append(paused)
+            return paused
+
         for mount in self.mounts:
             self.progress.set("archiving bind mounts", mount=mount["source"])
-            done = archive_mount(store, mount, previous, self.level, known=known, progress=self.progress)
+            done = archive_mount(
+                store,
+                mount,
+                previous,
+                self.level,
+                known=known,
+                progress=self.progress,
+                pause=pause,
+                full_read_days=self.full_read_days,
+            )
             archived.append(done)
             if done.warning:
                 self.container.notices.append(done.warning)
@@ -343,7 +362,7 @@ class BackupJob:
             base_image_stored=read.base_image_stored,
             chunks_new=read.chunks_new,
             chunks_reused=read.chunks_reused,
-            paused_seconds=read.paused_seconds,
+            paused_seconds=round(read.paused_seconds + sum(p.seconds for p in self.workdir_pauses), 2),
             removed_backups=retention.removed,
             removed_blobs=retention.blobs,
             bytes_freed=retention.freed,

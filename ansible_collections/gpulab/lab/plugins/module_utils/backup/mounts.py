@@ -2,16 +2,15 @@
 # SPDX-License-Identifier: MIT
 
 """Bind-mounted folders and files of a container: which are archived (not system paths, sockets or volumes), their
-archive as a blob (not again while unchanged), and their restore where they were, with owners and modes, exactly as
-the backup has them: what the backup lacks is moved aside to a folder beside the source (never deleted).
+backup as a tree of chunks read incrementally (tree.py), and their restore where they were, with owners and modes,
+exactly as the backup has them: what the backup lacks is moved aside to a folder beside the source (never deleted).
+Backups older than the tree format hold a tar archive of the source: those are still restored (tar).
 
 Reads and writes the server's files and the store's blobs; never talks to the engine.
 """
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import os
 import posixpath
 import shutil
@@ -22,13 +21,17 @@ import tempfile
 import time
 from typing import NamedTuple
 
-from ansible_collections.gpulab.lab.plugins.module_utils.backup.blobs import BlobWriter
 from ansible_collections.gpulab.lab.plugins.module_utils.backup.common import CHUNK, BackupError
 from ansible_collections.gpulab.lab.plugins.module_utils.backup.streams import (
     TAR_EXTRACT,
     BlobReader,
-    TarOf,
     tar_program,
+)
+from ansible_collections.gpulab.lab.plugins.module_utils.backup.tree import (
+    TREE_FORMAT,
+    archive_tree,
+    restore_tree,
+    tree_kinds,
 )
 from ansible_collections.gpulab.lab.plugins.module_utils.files import fsync_dir
 
@@ -113,27 +116,6 @@ def plan_mounts(info):
     return archive, skipped
 
 
-def tree_signature(path):
-    """A digest of the stat data of every entry under path: it changes with any change of content or metadata (ctime),
-    so an unchanged folder is not archived again."""
-    digest = hashlib.sha256()
-
-    def add(p):
-        st = os.lstat(p)
-        rel = os.path.relpath(p, path)
-        fields = (st.st_mode, st.st_uid, st.st_gid, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
-        digest.update(f"{rel}\0{fields}\n".encode("utf-8", "surrogateescape"))
-
-    add(path)
-    if os.path.isdir(path) and not os.path.islink(path):
-        for folder, dirs, files in os.walk(path):
-            dirs.sort()
-            for name in sorted(dirs + files):
-                with contextlib.suppress(FileNotFoundError):
-                    add(os.path.join(folder, name))
-    return "sha256:" + digest.hexdigest()
-
-
 def parents_of(path):
     """Owner and mode of the folders above path (created as they were, when a restore finds them missing)."""
     out = []
@@ -145,35 +127,32 @@ def parents_of(path):
     return list(reversed(out))
 
 
-def archive_mount(store, mount, previous, level, *, known=None, progress=None):
-    """Store the archive of one bind-mount source as a blob (not again when its stat signature is that of the
-    previous backup's archive; known: the store's blob index). Returns a MountArchive."""
+def archive_mount(store, mount, previous, level, *, known=None, progress=None, pause=None, full_read_days=0):
+    """Store one bind-mount source as a tree of content-defined chunks with its listing (tree.py): only the files
+    that are new or changed since the previous backup's entry of that source are read (previous: {source: entry}),
+    every file when the last full read is full_read_days old (0: never). known: the store's blob index; pause: a
+    context manager factory freezing the container, for the files that keep changing while they are read. Returns a
+    MountArchive."""
     known = {} if known is None else known
     source = mount["source"]
     st = os.stat(source)
     entry = dict(mount, uid=st.st_uid, gid=st.st_gid, mode=stat.S_IMODE(st.st_mode), parents=parents_of(source))
-    entry["signature"] = tree_signature(source)
     before = previous.get(source)
-    if before and before.get("signature") == entry["signature"] and not store.missing_blobs({"mounts": [before]}):
-        entry.update(size=before["size"], blobs=before["blobs"], reused=True)
-        return MountArchive(entry, 0, 0, None)
-    tar = TarOf(source)
-    try:
-        with BlobWriter(store, level) as writer:
-            for block in tar.chunks():
-                writer.write(block)
-                if progress:
-                    progress.update(mount=source, mount_bytes=writer.size)
-            warning = tar.close()
-            tar = None
-            blob = writer.finish()
-            kept, written = store.keep(writer, blob, known)
-    finally:
-        if tar is not None:
-            with contextlib.suppress(BackupError, OSError):
-                tar.close()
-    entry.update(size=blob["size"], blobs=[kept], reused=False)
-    return MountArchive(entry, blob["size"], written, warning)
+    if before and before.get("format") == TREE_FORMAT:
+        # The previous backup's chunks that the store has (its presence check): an unchanged file takes them.
+        bad = {digest for digest, _what in store.missing_blobs({"mounts": [before]})}
+        if any(b["digest"] in bad for b in before["index"]):
+            before = None  # its listing is damaged or gone: every file is read
+        else:
+            known.update((b["digest"], dict(b)) for b in before["blobs"] if b["digest"] not in bad)
+    now = time.time()
+    last_full = (before or {}).get("full_read")
+    full = before is None or not last_full or bool(full_read_days and now - last_full >= full_read_days * 86400)
+    entry["full_read"] = now if full else last_full
+    done = archive_tree(
+        store, entry, previous=before, level=level, known=known, full=full, pause=pause, progress=progress
+    )
+    return MountArchive(done.entry, done.read, done.written, done.warning)
 
 
 class Restored(NamedTuple):
@@ -190,8 +169,11 @@ def _kind(mode):
 
 
 def archive_kinds(store, entry):
-    """{absolute path: directory, symlink or file} of every member of a bind-mount archive, read from its blobs (a
-    full pass of zstd and tar's headers, before anything changes). A member outside the source is refused."""
+    """{absolute path: directory, symlink or file} of every member of a bind-mount archive, read from its listing (a
+    tree) or its blobs (a tar archive of older backups: a full pass of zstd and tar's headers), before anything
+    changes. A member outside the source is refused."""
+    if entry.get("format") == TREE_FORMAT:
+        return tree_kinds(store, entry)
     source = os.path.normpath(entry["source"])
     reader = BlobReader(store.blob_path(b["digest"]) for b in entry["blobs"])
     kinds = {}
@@ -273,6 +255,9 @@ def restore_mount(store, entry, kinds=None, stamp=None):
             os.mkdir(parent["path"], parent["mode"])
             os.chown(parent["path"], parent["uid"], parent["gid"])
             os.chmod(parent["path"], parent["mode"])
+    if entry.get("format") == TREE_FORMAT:
+        restore_tree(store, entry)
+        return Restored(source, folder, moved)
     reader = BlobReader(store.blob_path(b["digest"]) for b in entry["blobs"])
     with tempfile.TemporaryFile() as err:
         tar = subprocess.Popen([tar_program(), *TAR_EXTRACT, "--", source.lstrip("/")], stdin=reader.pipe(), stderr=err)

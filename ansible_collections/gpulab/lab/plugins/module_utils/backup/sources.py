@@ -198,10 +198,16 @@ class Paused:
             raise
         return self
 
+    @property
+    def active(self):
+        """The container is paused by this block now."""
+        return self._started is not None
+
     def _thaw(self, sure=True):
         """Unpause; sure=False: the pause request may not have been done (a 409 "is not paused" is then fine)."""
         status, body = self.c.engine.request("POST", f"/containers/{self.c.info['Id']}/unpause")
-        if status not in (200, 204) and (sure or status != 409):
+        not_paused = status == 409 or "is not paused" in api.error_of(body)
+        if status not in (200, 204) and (sure or not not_paused):
             raise api.DockerApiError(f"{self.c.name} could not be unpaused: {api.error_of(body)}")
         self.seconds = round(time.monotonic() - self._started, 2)
         self._started = None
@@ -213,6 +219,22 @@ class Paused:
         if self._started is not None:
             self._thaw()
         return False
+
+
+class PausedIfItCan(Paused):
+    """Paused, for work-directory files that keep changing: when the engine cannot freeze the container (runc gives
+    up on a process busy in the kernel), the block runs unpaused and `failed` says why."""
+
+    def __init__(self, c, store=None):
+        super().__init__(c, store)
+        self.failed = None
+
+    def __enter__(self):
+        try:
+            return super().__enter__()
+        except api.DockerApiError as e:
+            self.failed = str(e)
+            return self
 
 
 # ---- the fast path: the writable layer read from the overlay2 upper directory --------------------------------------
