@@ -103,7 +103,7 @@ def test_a_flipped_byte_is_quarantined_and_the_next_backup_stores_it_again(conta
     report = json.loads(printed.out.strip().splitlines()[-1])
     assert [q["digest"] for q in report["quarantined"]] == [digest]
     assert report["finished"] is True
-    assert report["blobs_checked"] == report["store_blobs"] - 1 >= 5  # all but the bad one
+    assert report["blobs_checked"] == report["store_blobs"] - 1 >= 3  # all but the bad one
     assert "DAMAGED backups" in printed.err
     assert f"{c['name']} {first['backup_id']} lacks layer 3" in printed.err
     assert not os.path.exists(store.blob_path(digest))
@@ -290,17 +290,22 @@ def test_the_scrub_covers_the_store_within_its_period(tmp_path):
 
 
 KILLER = """
-import os, signal, sys
+import os, signal, sys, threading, time
 sys.path.insert(0, sys.argv[1])
 from ansible_collections.gpulab.lab.plugins.module_utils.backup import cli, scrub
-scrub.SLICE_BYTES, scrub.SAVE_EVERY = 1, 0.0  # a slice per blob, the state written after each
-real, calls = scrub.check_blobs, []
-def check_blobs(*args, **kwargs):
-    calls.append(1)
-    if len(calls) == 11:
-        os.kill(os.getpid(), signal.SIGKILL)  # killed outright, as by the OOM killer or a power cut
+scrub.SAVE_EVERY = 0.0  # the state written after each blob
+real, calls, lock, never = scrub.verify_blob, [], threading.Lock(), threading.Event()
+def verify_blob(*args, **kwargs):
+    with lock:
+        calls.append(1)
+        number = len(calls)
+    if number == 11:  # the ten before it recorded, then killed outright, as by the OOM killer or a power cut
+        time.sleep(1)
+        os.kill(os.getpid(), signal.SIGKILL)
+    if number > 10:
+        never.wait()
     return real(*args, **kwargs)
-scrub.check_blobs = check_blobs
+scrub.verify_blob = verify_blob
 sys.exit(cli.main(sys.argv[2:]))
 """
 
@@ -311,10 +316,11 @@ def test_a_scrub_killed_outright_resumes_where_it_was(tmp_path):
     killed = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=120)
     assert killed.returncode == -signal.SIGKILL
     state = read_json(Path(store.path) / "scrub" / "state.json")
-    assert len(state["verified"]) == 10
+    before = len(state["verified"])
+    assert before == 10  # what was checked before the kill is recorded
     assert state["full_started"] is not None  # a full run in progress
     resumed = scrub.scrub(store.path, full=True)
-    assert (resumed.resumed, resumed.finished, resumed.blobs_checked) == (True, True, 20)
+    assert (resumed.resumed, resumed.finished, resumed.blobs_checked) == (True, True, 30 - before)
     assert read_json(Path(store.path) / "scrub" / "state.json")["full_started"] is None
     again = scrub.scrub(store.path, full=True)
     assert (again.resumed, again.blobs_checked) == (False, 30)
@@ -322,8 +328,8 @@ def test_a_scrub_killed_outright_resumes_where_it_was(tmp_path):
 
 def test_a_stopped_scrub_keeps_what_it_verified(tmp_path, monkeypatch):
     store, _manifest = a_store(tmp_path, count=12)
-    monkeypatch.setattr(scrub, "SLICE_BYTES", 1)
-    real, calls = scrub.check_blobs, []
+    monkeypatch.setattr(scrub, "SAVE_EVERY", 0.0)
+    real, calls = scrub.verify_blob, []
 
     def stopped_at_the_fifth(*args, **kwargs):
         calls.append(1)
@@ -331,12 +337,13 @@ def test_a_stopped_scrub_keeps_what_it_verified(tmp_path, monkeypatch):
             raise backup_common.Stopped("SIGTERM")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(scrub, "check_blobs", stopped_at_the_fifth)
+    monkeypatch.setattr(scrub, "verify_blob", stopped_at_the_fifth)
     with pytest.raises(backup_common.Stopped):
         scrub.scrub(store.path, full=True)
-    assert len(read_json(Path(store.path) / "scrub" / "state.json")["verified"]) == 4
-    monkeypatch.setattr(scrub, "check_blobs", real)
-    assert scrub.scrub(store.path, full=True).blobs_checked == 8
+    kept = len(read_json(Path(store.path) / "scrub" / "state.json")["verified"])
+    assert kept >= 3  # the blobs checked before the stop (the other worker's go on until it is seen)
+    monkeypatch.setattr(scrub, "verify_blob", real)
+    assert scrub.scrub(store.path, full=True).blobs_checked == 12 - kept
 
 
 def test_check_mode_finds_and_moves_nothing(tmp_path):

@@ -613,9 +613,9 @@ def chunked_manifest(store, count):
 def test_chunks_are_verified_in_batches_and_a_bad_one_is_named(store, monkeypatch):
     monkeypatch.setattr(backup_verify, "BATCH_VERIFY_FILES", 3)
     one_by_one = []
-    real_verify_blob = backup_verify._verify_blob
+    real_verify_blob = backup_verify.verify_blob
     monkeypatch.setattr(
-        backup_verify, "_verify_blob", lambda *a: one_by_one.append(a[1]["digest"]) or real_verify_blob(*a)
+        backup_verify, "verify_blob", lambda *a: one_by_one.append(a[1]["digest"]) or real_verify_blob(*a)
     )
     manifest, _ = chunked_manifest(store, 8)
     blobs = manifest["layers"][0]["blobs"]

@@ -1,9 +1,15 @@
 # Copyright (c) gpulab developers
 # SPDX-License-Identifier: MIT
 
-"""The scrub: every blob of the store read back and checked (what its file decompresses to, by sha256 and size),
-spread over time, so that the whole store is verified within a period the admin sets, and what the store knows of
-each backup (listing): complete or damaged and what it lacks, and when it was last verified.
+"""The scrub: every blob of the store read back and checked, spread over time, so that the whole store is verified
+within a period the admin sets; and what the store knows of each backup (listing): complete or damaged and what it
+lacks, and when it was last verified.
+
+A blob is checked by the sha256 of its stored file against the one recorded when it was written: any changed byte
+changes it, and it costs a read and a hash of the compressed bytes only (about half of the content of a deep-learning
+image), no decompression. A file whose sha256 is not the recorded one is judged by its content (decompressed, its
+sha256 and size), since a blob stored again from its source may have been compressed otherwise; only then is it
+corrupt.
 
 Each run verifies the blobs whose turn it is: those not verified for a period (or written longer ago and never
 verified), and then, oldest verification first, its share of the store (the store's size x the time since the last
@@ -21,6 +27,7 @@ Talks to no engine.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import dataclasses
 import fcntl
@@ -31,12 +38,11 @@ from dataclasses import dataclass, field
 
 from ansible_collections.gpulab.lab.plugins.module_utils.backup.common import BackupError, size_text
 from ansible_collections.gpulab.lab.plugins.module_utils.backup.store import Store, manifest_blobs
-from ansible_collections.gpulab.lab.plugins.module_utils.backup.verify import check_blobs, quarantine_corrupt
+from ansible_collections.gpulab.lab.plugins.module_utils.backup.verify import quarantine_corrupt, verify_blob
 from ansible_collections.gpulab.lab.plugins.module_utils.files import fsync_dir
 
 STATE_FORMAT = "gpulab-scrub"
 DAY = 86400
-SLICE_BYTES = 256 * 1024 * 1024  # checked between two looks at the clock: a stop waits for one slice at most
 SAVE_EVERY = 5.0  # seconds between two writes of the state while a run goes on
 HISTORY = 20  # runs kept in the state
 
@@ -268,12 +274,11 @@ def _scrub(store, *, period_days, full, check_mode, workers, progress, now):
     if progress:
         progress.set("scrub", due_bytes=report.due_bytes, due_blobs=report.due_blobs)
     try:
-        for group in _slices(todo, blobs):
-            problems = [p for p in check_blobs(store, group, workers=workers, done=done) if p.corrupt]
-            if problems and not check_mode:
-                found += _quarantine(store, problems, blobs, state)
-            elif problems:
-                found += [{"digest": p.digest, "why": p.text, "quarantined": False} for p in problems]
+        problems = _check(store, [blobs[d] for d in todo], workers, done)
+        if problems and not check_mode:
+            found += _quarantine(store, problems, blobs, state)
+        else:
+            found += [{"digest": p.digest, "why": p.text, "quarantined": False} for p in problems]
         report.finished = True
         if full:
             state.full_started = None
@@ -309,19 +314,27 @@ def _scrub(store, *, period_days, full, check_mode, workers, progress, now):
     return report
 
 
-def _slices(todo, blobs):
-    """The due blobs as groups of check_blobs items (content checked only: a good content is a good blob) of about
-    SLICE_BYTES each."""
-    group, size = [], 0
-    for digest in todo:
-        blob, what = blobs[digest]
-        group.append((blob, what, "only"))
-        size += blob["stored_size"]
-        if size >= SLICE_BYTES:
-            yield group
-            group, size = [], 0
-    if group:
-        yield group
+def _check(store, todo, workers, done):
+    """Check each (blob entry, what) of todo in a pool of workers (the stored file's sha256, its content only when that
+    differs), biggest first, so that the big image layers are read side by side; done([item]) in this thread as each
+    one is found good. A stop (Stopped, in this thread) cancels what has not started and waits for the blobs being
+    read. Returns the Problems of the corrupt ones."""
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, workers))
+    problems = []
+    try:
+        futures = {
+            pool.submit(verify_blob, store, blob, what, False): (blob, what, False)
+            for blob, what in sorted(todo, key=lambda item: -item[0]["stored_size"])
+        }
+        for future in concurrent.futures.as_completed(futures):
+            problem = future.result()
+            if problem is None:
+                done([futures[future]])
+            elif problem.corrupt:  # a missing one was removed by retention meanwhile: no blob, no damage of its own
+                problems.append(problem)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+    return problems
 
 
 def _quarantine(store, problems, blobs, state):
@@ -329,8 +342,8 @@ def _quarantine(store, problems, blobs, state):
     each checked once more under it: one that a backup replaced meanwhile may be good now."""
     out = []
     with store.lock(exclusive=False):
-        items = [(blobs[p.digest][0], blobs[p.digest][1], "only") for p in problems]
-        again = [p for p in check_blobs(store, items) if p.corrupt]
+        checked = [verify_blob(store, *blobs[problem.digest], False) for problem in problems]
+        again = [problem for problem in checked if problem and problem.corrupt]
         for problem, text in zip(again, quarantine_corrupt(store, again, "scrub")):
             state.verified.pop(problem.digest, None)
             out.append({"digest": problem.digest, "why": text, "quarantined": True})

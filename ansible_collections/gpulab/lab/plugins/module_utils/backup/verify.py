@@ -57,20 +57,18 @@ def _content_digest(path):
     return "sha256:" + digest.hexdigest(), size
 
 
-def _verify_blob(store, blob, what, content):
+def verify_blob(store, blob, what, content):
     """None when the blob is good, else a Problem. A stored file whose sha256 is not the one this entry records is
     judged by its content: a blob stored again from its source may be compressed otherwise than the first time."""
     digest = blob["digest"]
     path = store.blob_path(digest)
     missing = Problem(digest, f"{what}: blob {digest} is missing", False)
-    stored = None
-    if content != "only":
-        try:
-            stored = file_sha256(path)
-        except FileNotFoundError:
-            return missing
-        if stored == blob["stored_digest"] and not content:
-            return None
+    try:
+        stored = file_sha256(path)
+    except FileNotFoundError:
+        return missing
+    if stored == blob["stored_digest"] and not content:
+        return None
     try:
         found, size = _content_digest(path)
     except BackupError as e:  # zstd's own words at the end ("Restored data doesn't match checksum")
@@ -79,7 +77,7 @@ def _verify_blob(store, blob, what, content):
         if found == digest and size == blob["size"]:
             return None
         bad = f"its content has {found}, {size} bytes"
-    if stored is not None and stored != blob["stored_digest"]:
+    if stored != blob["stored_digest"]:
         bad = f"its file has {stored}, not {blob['stored_digest']}"
     if not os.path.exists(path):
         return missing
@@ -87,12 +85,11 @@ def _verify_blob(store, blob, what, content):
 
 
 def _verify_batch(store, items):
-    """True when every blob of items (small ones with a content check) has its stored sha256 (unless content is
-    "only"), and `zstd -dc` of all of them, cut by their sizes, gives each one's content sha256."""
+    """True when every blob of items (small ones with a content check) has its stored sha256, and `zstd -dc` of all
+    of them, cut by their sizes, gives each one's content sha256."""
     try:
         if any(
-            content != "only" and file_sha256(store.blob_path(blob["digest"])) != blob["stored_digest"]
-            for blob, _what, content in items
+            file_sha256(store.blob_path(blob["digest"])) != blob["stored_digest"] for blob, _what, _content in items
         ):
             return False
     except FileNotFoundError:
@@ -126,9 +123,9 @@ def _read_digest(reader, size):
 
 
 def check_blobs(store, items, *, workers=2, done=None):
-    """Check blobs: items are (blob entry, what, content), content True (the stored file's sha256 and the content's),
-    False (the stored file's only) or "only" (the content's only: what the scrub asks, as a good content is a good
-    blob). done(items) is called as each group of items is found good. Returns the Problems, biggest blobs first."""
+    """Check blobs: items are (blob entry, what, content), content True (the stored file's sha256 and the content's)
+    or False (the stored file's, and the content's only when that differs: what the scrub asks). done(items) is called
+    as each group of items is found good. Returns the Problems, biggest blobs first."""
     todo = sorted(items, key=lambda item: -item[0]["stored_size"])
     lock = threading.Lock()
 
@@ -138,7 +135,7 @@ def check_blobs(store, items, *, workers=2, done=None):
                 done(group)
 
     def check(item):
-        problem = _verify_blob(store, *item)
+        problem = verify_blob(store, *item)
         if problem is None:
             tick([item])
         return [problem] if problem else []
