@@ -208,18 +208,30 @@ def test_fetch_brings_the_newest_manifest_and_only_the_blobs_the_store_lacks(tmp
     newest = add_backup(store, "nb", "20260102T000000.000Z-bbbbbb", b"one" * 100, b"two" * 200)
     remote.upload(settings)
     shutil.rmtree(settings.store)  # the reinstall
-    fetched = remote.fetch(settings)
+    fetched = remote.fetch(settings).fetched
     assert fetched == [remote.Fetched("nb", "20260102T000000.000Z-bbbbbb", 2, 900, 0, True, [])]
     store = Store(settings.store)
     assert store.backup_ids("nb") == ["20260102T000000.000Z-bbbbbb"]
     assert store.read_manifest("nb", newest["id"]) == newest
     assert not store.missing_blobs(newest)
     assert os.listdir(store.tmp) == []
-    assert remote.fetch(settings)[0][2:5] == (0, 0, 2) and not remote.fetch(settings)[0].new  # it has them now
-    older = remote.fetch(settings, ["nb"], "20260101T000000.000Z-aaaaaa")
+    again = remote.fetch(settings).fetched[0]
+    assert again[2:5] == (0, 0, 2) and not again.new  # it has them now
+    older = remote.fetch(settings, ["nb"], "20260101T000000.000Z-aaaaaa").fetched
     assert older[0].blobs == 1
     with pytest.raises(BackupError, match="has no backup 2025"):
         remote.fetch(settings, ["nb"], "20250101T000000.000Z-cccccc")
+    # A notebook with no backup anywhere (a new student) is left to the restore, named; asked for by id, refused.
+    assert remote.fetch(settings, ["nb", "new-student"]) == remote.FetchResult([again], ["new-student"])
+    with pytest.raises(BackupError, match="holds no backup of new-student"):
+        remote.fetch(settings, ["new-student"], "20260101T000000.000Z-aaaaaa")
+
+
+def test_a_remote_without_this_servers_backups_fetches_nothing_and_fails_nothing(tmp_path, nas):
+    settings = settings_for(tmp_path, "gpu1", nas)
+    assert remote.fetch(settings, ["notebook-a"]) == remote.FetchResult([], ["notebook-a"])
+    assert remote.fetch(settings) == remote.FetchResult([], [])
+    assert not Path(settings.store, "backups").exists()
 
 
 def test_a_blob_damaged_on_the_remote_is_refused_by_its_name_and_nothing_is_kept(tmp_path, nas):
@@ -262,7 +274,7 @@ def test_with_crypt_the_remote_holds_no_readable_name_or_content_and_the_fetch_w
             data = path.read_bytes()
             assert b"readable" not in data and b"notebook-alice" not in data and b"gpulab-backup" not in data
     shutil.rmtree(settings.store)
-    assert remote.fetch(settings)[0].blobs == 1
+    assert remote.fetch(settings).fetched[0].blobs == 1
     assert not Store(settings.store).missing_blobs(manifest)
     assert remote.scrub(settings).problems == []
     # A wrong key reads nothing: every name is someone else's ciphertext.
@@ -313,7 +325,7 @@ def test_a_blob_quarantined_in_the_store_is_fetched_again_from_the_remote_and_le
     bad = manifest["layers"][0]["blobs"][0]["digest"]
     store.quarantine(bad, "its content has another checksum", "scrub")
     assert store.missing_blobs(manifest)
-    fetched = remote.fetch(settings)
+    fetched = remote.fetch(settings).fetched
     assert fetched[0][2:4] == (1, 256)
     assert any(bad in notice for notice in fetched[0].notices)
     assert store.missing_blobs(manifest) == [] and store.quarantined() == {}

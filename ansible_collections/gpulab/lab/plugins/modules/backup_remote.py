@@ -31,7 +31,8 @@ description:
     runs (its lock file in C(locks/)) no blob is removed.
   - O(action=fetch) brings into the store, for each of O(containers) (all this server has on the remote when
     empty), the manifest of O(backup_id) or of the newest backup, and the blobs of it the store lacks; each blob's
-    size and sha256 are checked before it is put into the store, and a damaged one is refused by its name.
+    size and sha256 are checked before it is put into the store, and a damaged one is refused by its name. A
+    container the remote has no backup of is named in RV(absent) and left to the restore.
   - O(action=verify) downloads every blob a manifest on the remote names and checks its sha256; fails naming each
     damaged or missing blob and the backups that need it.
 author:
@@ -162,6 +163,11 @@ containers:
   type: list
   elements: str
   returned: fetch
+absent:
+  description: The containers asked for that this server has no backup of on the remote (O(action=fetch)).
+  type: list
+  elements: str
+  returned: fetch
 blobs_checked:
   description: Blobs downloaded and checked (O(action=verify)).
   type: int
@@ -234,12 +240,13 @@ def run(module):
     if p["action"] == "fetch":
         if p["backup_id"] and len(p["containers"]) != 1:
             raise BackupError("backup_id names one backup of one container: give that one container in containers")
-        fetched = remote.fetch(settings, p["containers"], p["backup_id"], check_mode=check)
+        found = remote.fetch(settings, p["containers"], p["backup_id"], check_mode=check)
         return {
-            "changed": any(f.new for f in fetched),
-            "fetched": [f._asdict() for f in fetched],
-            "containers": [f.container for f in fetched],
-            "notices": [n for f in fetched for n in f.notices],
+            "changed": any(f.new for f in found.fetched),
+            "fetched": [f._asdict() for f in found.fetched],
+            "containers": [f.container for f in found.fetched],
+            "absent": found.absent,
+            "notices": [n for f in found.fetched for n in f.notices],
         }
     scrubbed = remote.scrub(settings)
     if scrubbed.problems:

@@ -453,28 +453,39 @@ def remote_containers(settings):
     return sorted({p.split("/")[0] for p in Rclone(settings).files(SERVERS, settings.server, "backups") if "/" in p})
 
 
+class FetchResult(NamedTuple):
+    """The backups fetched (Fetched), and the containers asked for that this server has no backup of on the remote."""
+
+    fetched: list
+    absent: list
+
+
 def fetch(settings, containers=(), backup_id="", check_mode=False):
     """Bring into the store the manifest to restore of each container (backup_id, else its newest on the remote) and
     the blobs of it the store lacks, each checked (size and sha256 of the stored file) before it is put in place,
-    the manifest last. A blob damaged on the remote is refused by its name and nothing of it is kept. Returns a list
-    of Fetched."""
+    the manifest last. A blob damaged on the remote is refused by its name and nothing of it is kept. A container
+    the remote has no backup of is left to the restore (a new lab's first run has none anywhere), named in absent;
+    a backup_id the remote lacks is an error. Returns FetchResult."""
     rclone = Rclone(settings)
     listed = rclone.files(SERVERS, settings.server, "backups")
-    names = list(containers) or sorted({p.split("/")[0] for p in listed if "/" in p})
-    if not names:
-        raise RemoteError(f"{settings.name} holds no backup of {settings.server} ({SERVERS}/{settings.server}/)")
+    names = [check_name(c, "container name") for c in containers] or sorted({p.split("/")[0] for p in listed})
+    ids_of = {n: sorted(p.split("/")[1][: -len(".json")] for p in listed if p.startswith(n + "/")) for n in names}
+    absent = [n for n in names if not ids_of[n]]
+    if backup_id and absent:
+        raise RemoteError(
+            f"{settings.name} holds no backup of {', '.join(absent)} from {settings.server}. Nothing was changed."
+        )
     store = Store(settings.store, create=True)
-    if not check_mode:
+    if not check_mode and len(absent) < len(names):
         store.create()
     out = []
     with local_lock(settings), contextlib.ExitStack() as stack:
-        if not check_mode:
+        if not check_mode and len(absent) < len(names):
             stack.enter_context(store.lock(exclusive=True))
         for container in names:
-            check_name(container, "container name")
-            ids = sorted(p.split("/")[1][: -len(".json")] for p in listed if p.startswith(container + "/"))
+            ids = ids_of[container]
             if not ids:
-                raise RemoteError(f"{settings.name} holds no backup of {container} from {settings.server}")
+                continue
             wanted = backup_id or ids[-1]
             if wanted not in ids:
                 raise RemoteError(
@@ -482,7 +493,7 @@ def fetch(settings, containers=(), backup_id="", check_mode=False):
                     f"{', '.join(reversed(ids))}). Nothing was changed."
                 )
             out.append(_fetch_one(rclone, store, container, wanted, ids=ids, check_mode=check_mode))
-    return out
+    return FetchResult(out, absent)
 
 
 def _fetch_one(rclone, store, container, backup_id, *, ids, check_mode):
