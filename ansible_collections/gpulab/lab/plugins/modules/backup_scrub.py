@@ -24,7 +24,8 @@ description:
     the blobs whose turn it is, as the verify timer of role backup does - those not verified within O(period_days),
     and the run's share of the store.
   - When each blob was verified is recorded in the store (C(<store>/scrub/state.json)) as the run goes, so that a run
-    that is stopped or killed goes on where it was at the next run; RV(last_verified) of each backup comes from it.
+    that is stopped or killed goes on where it was at the next run; each of RV(backups) has its C(last_verified)
+    time from it.
   - A corrupt blob is moved to the store's quarantine (C(<store>/quarantine/)) and never used again. Every backup that
     needs it is then damaged (RV(damaged) names each and what it lacks); the next backup of its container stores the
     content again from its source when the source still has it, and says so.
