@@ -37,9 +37,8 @@ import time
 from dataclasses import dataclass, field
 
 from ansible_collections.gpulab.lab.plugins.module_utils.backup.common import BackupError, size_text
-from ansible_collections.gpulab.lab.plugins.module_utils.backup.store import Store, manifest_blobs
+from ansible_collections.gpulab.lab.plugins.module_utils.backup.store import Store, manifest_blobs, write_json
 from ansible_collections.gpulab.lab.plugins.module_utils.backup.verify import quarantine_corrupt, verify_blob
-from ansible_collections.gpulab.lab.plugins.module_utils.files import fsync_dir
 
 STATE_FORMAT = "gpulab-scrub"
 DAY = 86400
@@ -117,18 +116,7 @@ class ScrubState:
             "full_started": self.full_started,
             "runs": self.runs[-HISTORY:],
         }
-        tmp = f"{self.path}.{os.getpid()}.tmp"
-        try:
-            with open(tmp, "w", encoding="utf-8") as f:
-                json.dump(data, f, separators=(",", ":"), sort_keys=True)
-                f.flush()
-                os.fsync(f.fileno())
-            os.rename(tmp, self.path)
-            fsync_dir(self.folder)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
+        write_json(self.path, data)
 
 
 def store_blobs(store):

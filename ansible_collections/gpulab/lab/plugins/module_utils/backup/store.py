@@ -328,19 +328,7 @@ class Store:
 
     def _write_record(self, record):
         os.makedirs(self.quarantine_dir, mode=0o700, exist_ok=True)
-        final = self._quarantine_record(record.digest)
-        tmp = f"{final}.{os.getpid()}.tmp"  # beside it, not in tmp/ (tmp/ tells of an interrupted backup)
-        try:
-            with open(tmp, "w", encoding="utf-8") as f:
-                json.dump(record._asdict(), f, indent=1, sort_keys=True)
-                f.write("\n")
-                f.flush()
-                os.fsync(f.fileno())
-            self.commit_file(tmp, final)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
+        write_json(self._quarantine_record(record.digest), record._asdict())
 
     def referencing(self, digest):
         """(container, backup id, what) of every readable backup that references a blob."""
@@ -602,6 +590,24 @@ class Store:
             )
         warnings += [f"backup {b.id} of {container} is damaged: {b.problem}" for b in listed if b.manifest is None]
         return Picked(newest.manifest, warnings)
+
+
+def write_json(final, data):
+    """Write a JSON document durably and atomically: beside its place (not in tmp/, which tells of an interrupted
+    backup), fsynced, renamed, its folder fsynced. For the store's own records (quarantine, the scrub's state)."""
+    tmp = f"{final}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(data, f, separators=(",", ":"), sort_keys=True)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.rename(tmp, final)
+        fsync_dir(os.path.dirname(final))
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def manifest_blobs(manifest):
