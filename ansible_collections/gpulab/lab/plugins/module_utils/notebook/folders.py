@@ -29,6 +29,12 @@ def ensure_folder(path, uid, gid, mode, check_mode):
         return [f"{path} created"]
     if not stat.S_ISDIR(st.st_mode):
         raise OSError(f"{path} exists and is not a folder")
+    return _owner_and_mode(path, st, (uid, gid, mode), check_mode)
+
+
+def _owner_and_mode(path, st, wanted, check_mode):
+    """Set the owner and mode of an existing path (st: its lstat) to wanted (uid, gid, mode); what changed."""
+    uid, gid, mode = wanted
     changes = []
     if (st.st_uid, st.st_gid) != (uid, gid):
         changes.append(f"{path} owner {st.st_uid}:{st.st_gid} -> {uid}:{gid}")
@@ -50,21 +56,11 @@ def ensure_file(path, content, uid, gid, *, mode, check_mode):
             same = stat.S_ISREG(st.st_mode) and f.read() == data
     except FileNotFoundError:
         st, same = None, False
-    changes = []
     if not same:
-        changes.append(f"{path} {'written' if st is None else 'changed'}")
         if not check_mode:
             _write(path, data, uid, gid, mode)
-        return changes
-    if (st.st_uid, st.st_gid) != (uid, gid):
-        changes.append(f"{path} owner -> {uid}:{gid}")
-        if not check_mode:
-            os.chown(path, uid, gid)
-    if stat.S_IMODE(st.st_mode) != mode:
-        changes.append(f"{path} mode -> {mode:04o}")
-        if not check_mode:
-            os.chmod(path, mode)
-    return changes
+        return [f"{path} {'written' if st is None else 'changed'}"]
+    return _owner_and_mode(path, st, (uid, gid, mode), check_mode)
 
 
 def _write(path, data, uid, gid, mode):
