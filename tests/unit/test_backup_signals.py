@@ -34,15 +34,19 @@ pytestmark = [needs_docker]
 
 @pytest.fixture
 def busy(tiny, tmp_path):
-    """A running container with 120 MB of random bytes in its writable layer (seconds of reading, paused, on the fast
-    path), its store and the timer's settings file naming it."""
+    """A running container backed up once, then with 120 MB of random bytes new in its writable layer (seconds of
+    reading, paused, on the fast path: the changes since the last backup are read while it is paused), its store and
+    the timer's settings file naming it."""
     name = f"gpulab-unittest-stop-{uuid.uuid4().hex[:8]}"
     run_container(name, tiny)
-    sh("docker", "exec", name, "sh", "-c", "head -c 120000000 /dev/urandom > /root/big.bin")
     store = tmp_path / "store"
     settings = timer_settings(tmp_path / "backup-timer.json", store, [name], include_workdir=False)
     env, python = timer_lib(tmp_path)
-    yield {"name": name, "store": store, "settings": settings, "env": env, "python": python}
+    argv = unit_command("__backup_command", settings, python, backup_containers=[name])
+    subprocess.run(argv, env=env, capture_output=True, check=True)
+    sh("docker", "exec", name, "sh", "-c", "head -c 120000000 /dev/urandom > /root/big.bin")
+    backups = sorted(os.listdir(store / "backups" / name))
+    yield {"name": name, "store": store, "settings": settings, "env": env, "python": python, "backups": backups}
     if (inspect(name) or {}).get("State", {}).get("Paused"):
         subprocess.run(["docker", "unpause", name], capture_output=True, check=False)
     remove_container(name)
@@ -87,9 +91,7 @@ def test_a_stopped_backup_thaws_the_container_and_removes_its_partial_files(busy
     assert f"1 of 1 container(s) not backed up: {busy['name']}" in err
     assert "Traceback" not in err and out == ""
     assert os.listdir(busy["store"] / "tmp") == []  # no blob, chunk, manifest or marker left
-    assert not (busy["store"] / "backups" / busy["name"]).exists() or not os.listdir(
-        busy["store"] / "backups" / busy["name"]
-    )
+    assert sorted(os.listdir(busy["store"] / "backups" / busy["name"])) == busy["backups"]  # none more
     # No zstd of the backup is left behind either.
     assert sh("pgrep", "-s", str(proc.pid), check=False) == ""
 

@@ -232,3 +232,92 @@ def test_the_restored_tree_is_the_backed_up_tree(base_image, tmp_path, path):
     RESTORED[path] = after
     if len(RESTORED) == 2:  # the fast path and the fallback restore the same tree
         assert RESTORED["overlay-upperdir"] == RESTORED["commit-save"]
+
+
+STEPS = [
+    # a file changed without its size changing, its mtime put back (only its ctime says so)
+    r"""
+import os
+st = os.stat("/opt/tree/a.txt")
+data = open("/opt/tree/a.txt", "rb").read()
+open("/opt/tree/a.txt", "r+b").write(data[:10].upper())
+os.utime("/opt/tree/a.txt", ns=(st.st_atime_ns, st.st_mtime_ns))
+""",
+    # a file replaced by another with the same mtime (and size), in the image and in the writable layer
+    r"""
+import os
+for path in ("/opt/mode-only.sh", "/opt/newdir/deeper/deepest/data.bin"):
+    st = os.stat(path)
+    data = open(path, "rb").read()
+    open(path + ".new", "wb").write(bytes(reversed(data)))
+    os.utime(path + ".new", ns=(st.st_atime_ns, st.st_mtime_ns))
+    os.rename(path + ".new", path)
+""",
+    # a folder deleted and made again: one of the image (opaque then) and one of the writable layer
+    r"""
+import os, shutil
+shutil.rmtree("/srv/roundtrip")
+os.makedirs("/srv/roundtrip/other")
+open("/srv/roundtrip/other/file", "w").write("made again")
+shutil.rmtree("/opt/newdir/deeper")
+os.makedirs("/opt/newdir/deeper")
+open("/opt/newdir/deeper/again.txt", "w").write("a new folder of the same name")
+""",
+    # a hard link added to an unchanged file; a file of the writable layer and one of the image deleted
+    r"""
+import os
+os.link("/etc/gpulab-added.conf", "/opt/added-link")
+os.remove("/opt/a file with spaces.txt")
+os.remove("/etc/debian_version")
+""",
+]
+
+
+def test_incremental_backups_restore_the_tree_of_each_backup(base_image, tmp_path):
+    """Several fast-path backups with changes between them: each one a layer of changes over the first, read while the
+    container is paused; every backup restores the tree it was taken of."""
+    name = f"gpulab-unittest-tree-inc-{uuid.uuid4().hex[:8]}"
+    store = tmp_path / "store"
+    sh("docker", "run", "-d", "--name", name, "--label", "io.gpulab.harness=1", base_image)
+    trees, results = [], []
+    try:
+        py(name, CHANGES)
+        for step in [None, *STEPS]:
+            if step:
+                py(name, step)
+            trees.append(tree(name))
+            result = run_module(
+                container_backup, {"container": name, "store": str(store), "include_workdir": False, "keep_last": 9}
+            )
+            assert result["path_taken"] == "overlay-upperdir", result["path_reason"]
+            results.append(result)
+        manifests = [json.loads(Path(r["manifest"]).read_text()) for r in results]
+        base = len(manifests[0]["layers"]) - 1
+        for i, manifest in enumerate(manifests[1:], 1):
+            layers = [layer["diff_id"] for layer in manifest["layers"]]
+            assert layers[: base + 1] == [layer["diff_id"] for layer in manifests[0]["layers"]]  # the first kept
+            assert len(layers) == base + 1 + i  # and a layer of changes for each backup since
+            assert results[i]["bytes_read"] < 2_000_000, results[i]  # the changes, not the writable layer
+        remove_container(name)
+        sh("docker", "rmi", "-f", base_image)
+        remove_images_of(name)
+        for expected, result in reversed(list(zip(trees, results))):
+            run_module(container_restore, {"container": name, "store": str(store), "backup": result["backup_id"],
+                                           "force": True})  # fmt: skip
+            after = tree(name)
+            differences = sorted(p for p in set(expected) | set(after) if expected.get(p) != after.get(p))
+            assert differences == [], (
+                result["backup_id"],
+                [(p, expected.get(p), after.get(p)) for p in differences[:20]],
+            )
+    finally:
+        remove_container(name)
+        remove_images_of(name)
+    # the changes are there at all
+    assert trees[1]["/opt/tree/a.txt"]["sha256"] != trees[0]["/opt/tree/a.txt"]["sha256"]
+    assert trees[1]["/opt/tree/a.txt"]["size"] == trees[0]["/opt/tree/a.txt"]["size"]
+    assert trees[2]["/opt/mode-only.sh"]["sha256"] != trees[1]["/opt/mode-only.sh"]["sha256"]
+    assert "/srv/roundtrip/other/file" in trees[3] and "/srv/roundtrip/new" not in trees[3]
+    assert "/opt/newdir/deeper/deepest" not in trees[3] and "/opt/newdir/deeper/again.txt" in trees[3]
+    assert trees[4]["/opt/added-link"]["hardlinks"] == ["/etc/gpulab-added.conf", "/opt/added-link"]
+    assert "/etc/debian_version" not in trees[4] and "/etc/debian_version" in trees[3]

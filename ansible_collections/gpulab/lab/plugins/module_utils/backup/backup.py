@@ -279,7 +279,15 @@ class BackupJob:
             return sources.export_flat(c, store, index[0], archive_mounts)
         done = None
         if self.path_taken == FAST:
-            done = sources.read_upper(c, store, index, backup_id, upper=self.upper, base_config=self.base_config)
+            done = sources.read_upper(
+                c,
+                store,
+                index,
+                backup_id,
+                upper=self.upper,
+                base_config=self.base_config,
+                full_read_days=self.full_read_days,
+            )
             if done.unreadable is None:
                 archive_mounts()
                 return done
@@ -347,6 +355,11 @@ class BackupJob:
         config_bytes = redact_config(read.config, set(self.secrets))
         manifest = self._manifest(backup_id, config_bytes, read.layers, read.committed_id, mounts)
         path, size = self._write_manifest(store, manifest)
+        if read.upper_state is not None:  # what the next backup's metadata walk compares with
+            try:
+                size += read.upper_state.save(backup_id)
+            except OSError as e:  # a cache: the next backup reads the writable layer in full
+                self.container.notices.append(f"the stat cache of {self.name} could not be written: {e}")
         self.progress.set("retention")
         retention = store.retention(self.name, self.keep_last)
         self.container.notices.extend(retention.warnings)

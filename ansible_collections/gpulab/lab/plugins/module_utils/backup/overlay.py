@@ -41,7 +41,11 @@ import errno
 import hashlib
 import os
 import stat
+import subprocess
 import tarfile
+import time
+
+from ansible_collections.gpulab.lab.plugins.module_utils.files import find_program
 
 COPY_SIZE = 1024 * 1024
 WHITEOUT_PREFIX = ".wh."
@@ -54,6 +58,7 @@ UNSUPPORTED_XATTRS = ("trusted.overlay.metacopy", "trusted.overlay.redirect")
 DEFAULT_MIN_SIZE = 512 * 1024
 DEFAULT_MAX_SIZE = 8 * 1024 * 1024
 DEFAULT_PIECE = 1024 * 1024
+SETTLE_NS = 50_000_000  # an entry changed less than this before its read may change again within the same clock tick
 
 
 class UnsupportedOverlay(Exception):
@@ -119,10 +124,20 @@ def _base_info(name, st):
     return info
 
 
-def _walk(top):
+def _walk(top, tolerant=False):
     """(relative path, absolute path, lstat), bytes paths, of everything below top: names sorted by their bytes, each
-    directory followed at once by its contents (as Go's filepath.Walk). An explicit stack: no recursion limit."""
-    stack = [(b"", iter(sorted(os.listdir(top))))]
+    directory followed at once by its contents (as Go's filepath.Walk). An explicit stack: no recursion limit.
+    tolerant: what vanishes while it is walked is passed over (a running container)."""
+
+    def listed(path):
+        try:
+            return iter(sorted(os.listdir(path)))
+        except (FileNotFoundError, NotADirectoryError):
+            if not tolerant:
+                raise
+            return iter(())
+
+    stack = [(b"", listed(top))]
     while stack:
         rel_dir, names = stack[-1]
         name = next(names, None)
@@ -131,10 +146,15 @@ def _walk(top):
             continue
         rel = rel_dir + b"/" + name if rel_dir else name
         path = os.path.join(top, rel)
-        st = os.lstat(path)
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            if not tolerant:
+                raise
+            continue
         yield rel, path, st
         if stat.S_ISDIR(st.st_mode):
-            stack.append((rel, iter(sorted(os.listdir(path)))))
+            stack.append((rel, listed(path)))
 
 
 STAT_KEYS = (
@@ -152,45 +172,195 @@ STAT_KEYS = (
 )
 
 
-def write_layer(upperdir, out, progress=None):
+FIND_FORMAT = "%P\\0%y %m %U %G %s %T@ %C@ %i %n\\0%l\\0"
+TYPE_CHARS = {
+    stat.S_IFREG: "f",
+    stat.S_IFDIR: "d",
+    stat.S_IFLNK: "l",
+    stat.S_IFCHR: "c",
+    stat.S_IFBLK: "b",
+    stat.S_IFIFO: "p",
+    stat.S_IFSOCK: "s",
+}
+UNSETTLED = " !"  # appended to a path's attributes read too soon after a change: never equal, so taken again
+
+
+def scan(top, tolerant=False):
+    """The metadata walk of a tree, in C (one find process): ({relative path: attributes}, {relative path: symlink
+    target}) of everything below top. The attributes are find's text "type mode uid gid size mtime ctime inode
+    links" (times to the nanosecond), so that two walks compare as text; attributes() reads them. tolerant: a
+    running tree, where what vanishes during the walk is passed over."""
+    proc = subprocess.run(
+        [find_program("find") or "find", top, "-mindepth", "1", "-printf", FIND_FORMAT],
+        capture_output=True,
+        check=False,
+    )
+    if proc.returncode != 0 and not (tolerant and proc.returncode == 1):
+        err = proc.stderr.decode(errors="replace").strip()[-500:]
+        raise OSError(errno.EIO, f"find could not list it: {err or proc.returncode}", top)
+    parts = proc.stdout.decode("utf-8", "surrogateescape").split("\0")
+    names = parts[0:-1:3]
+    attrs = dict(zip(names, parts[1:-1:3]))
+    return attrs, {name: target for name, target in zip(names, parts[2:-1:3]) if target}
+
+
+def _ns(text):
+    seconds, _dot, fraction = text.partition(".")
+    return int(seconds) * 10**9 + (int(fraction[:10].ljust(10, "0")) + 5) // 10  # find prints ten digits
+
+
+def attributes(attrs):
+    """find's attributes as (type, mode, uid, gid, size, mtime_ns, ctime_ns, inode, links)."""
+    kind, mode, uid, gid, size, mtime, ctime, ino, links = attrs.split(" ")[:9]
+    return kind, int(mode, 8), int(uid), int(gid), int(size), _ns(mtime), _ns(ctime), int(ino), int(links)
+
+
+def same_as_scanned(attrs, st):
+    """True when an lstat says what a scan's attributes say."""
+    kind, mode, uid, gid, size, mtime, ctime, ino, links = attributes(attrs)
+    return (TYPE_CHARS.get(stat.S_IFMT(st.st_mode)), stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, st.st_size,
+            st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_nlink) == (kind, mode, uid, gid, size, mtime, ctime, ino,
+                                                                         links)  # fmt: skip
+
+
+class _Tar:
+    """The layer tar being written to `out`: members added with their content (the cut marks first), its stats."""
+
+    def __init__(self, out, progress, changing):
+        self.stats = dict.fromkeys(STAT_KEYS, 0)
+        self.writer = _CountingWriter(out)
+        self.seen = {}  # (st_dev, st_ino) -> first name, for inodes with more than one link
+        self.mark = getattr(out, "mark", None)
+        self.progress = progress
+        self.changing = changing
+        self.steady = True
+        # "w", not the buffered "w|": each header and block reaches `out` at once; closed in close()
+        self.tar = tarfile.open(  # noqa: SIM115
+            fileobj=self.writer,
+            mode="w",
+            format=tarfile.PAX_FORMAT,
+            encoding="utf-8",
+            errors="surrogateescape",
+            copybufsize=COPY_SIZE,
+        )
+
+    def add(self, name, path, st):
+        """The members of one path; returns whether a file's content was read as it was at one moment (always True
+        unless `changing`: the container runs meanwhile)."""
+        self.steady = True
+        for info, source in _entries(name, path, st, self.seen, self.stats):
+            self.member(info, source)
+        return self.steady
+
+    def member(self, info, source=None):
+        if self.mark is not None:
+            self.mark(info.name, info.size)
+        if source is None:
+            self.tar.addfile(info)
+        elif self.changing:
+            self.steady = _add_changing_file(self.tar, info, source)
+        else:
+            _add_file(self.tar, info, source)
+        self.stats["entries"] += 1
+        if self.progress is not None:
+            self.progress(self.stats)
+
+    def close(self):
+        self.tar.close()  # the end-of-archive blocks; `out` stays open
+        self.writer.flush()
+        self.stats["tar_bytes"] = self.writer.size
+        self.stats["diff_id"] = "sha256:" + self.writer.digest.hexdigest()
+        return self.stats
+
+
+def write_layer(upperdir, out, progress=None, record=None, changing=False):
     """Write the overlay upper directory `upperdir` as a layer tar (PAX) to the binary file object `out`.
 
     `out` needs only write(); it is neither seeked nor closed; if it has mark(name, size), that is called before each
     member's header is written (MemberChunker's cut points). `progress`, if given, is called with the stats dict
-    after each entry. Returns the stats: entries (tar members), bytes (file content written), tar_bytes (size of the
-    tar), diff_id ("sha256:<hex>" of the tar), files, dirs, symlinks, hardlinks, devices, whiteouts, opaque_dirs,
-    xattrs, skipped_sockets. Raises UnsupportedOverlay (see the module's doc) and OSError.
+    after each entry. record: a dict filled with each path's (lstat taken before it was read, whether it was read
+    settled: changed a clock tick before the read began and not while it was read). changing: the container runs
+    while it is read: a file that vanishes is left out, one that shrinks is padded with zeros and recorded as not
+    settled (write_changes takes it again while the container is paused).
+    Returns the stats: entries (tar members), bytes (file content written), tar_bytes (size of the tar), diff_id
+    ("sha256:<hex>" of the tar), files, dirs, symlinks, hardlinks, devices, whiteouts, opaque_dirs, xattrs,
+    skipped_sockets. Raises UnsupportedOverlay (see the module's doc) and OSError.
     """
     top = os.fsencode(upperdir)
     if not os.path.isdir(top):
         raise NotADirectoryError(errno.ENOTDIR, "not a directory", upperdir)
-    stats = dict.fromkeys(STAT_KEYS, 0)
-    writer = _CountingWriter(out)
-    seen = {}  # (st_dev, st_ino) -> first name, for inodes with more than one link
-    mark = getattr(out, "mark", None)
-    with tarfile.open(  # "w", not the buffered "w|": each header and block reaches `out` at once, after its mark
-        fileobj=writer,
-        mode="w",
-        format=tarfile.PAX_FORMAT,
-        encoding="utf-8",
-        errors="surrogateescape",
-        copybufsize=COPY_SIZE,
-    ) as tar:  # closing writes the end-of-archive blocks; `out` stays open
-        for rel, path, st in _walk(top):
-            for info, source in _entries(os.fsdecode(rel), path, st, seen, stats):
-                if mark is not None:
-                    mark(info.name, info.size)
-                if source is None:
-                    tar.addfile(info)
-                else:
-                    _add_file(tar, info, source)
-                stats["entries"] += 1
-                if progress is not None:
-                    progress(stats)
-    writer.flush()
-    stats["tar_bytes"] = writer.size
-    stats["diff_id"] = "sha256:" + writer.digest.hexdigest()
+    record = {} if record is None else record
+    tar = _Tar(out, progress, changing)
+    started = time.time_ns()
+    for rel, path, st in _walk(top, tolerant=changing):
+        name = os.fsdecode(rel)
+        try:
+            steady = tar.add(name, path, st)
+        except FileNotFoundError:
+            if not changing:
+                raise
+            continue  # gone meanwhile: left out, not recorded (the next walk sees it gone, or new)
+        record[name] = (st, steady and (not changing or st.st_ctime_ns < started - SETTLE_NS))
+    return tar.close()
+
+
+def write_changes(upperdir, out, since, record, progress=None):
+    """Write, as a layer tar to `out` (as write_layer), what changed in `upperdir` since the state `since` (path ->
+    scan() attributes, as recorded by the full read or a previous write_changes), to be applied over the layers that
+    hold that state: every new or changed entry (with each folder above it, so that none is created with other
+    metadata), an opaque folder with all it holds, and a whiteout for each path that is gone. Call it with the
+    container paused: it costs one metadata walk (scan) and the changed entries. record: filled with every path's
+    attributes now. Returns the stats as write_layer does, and "changed": the paths taken."""
+    top = os.fsencode(upperdir)
+    now, _targets = scan(upperdir)
+    record.update(now)
+    tar = _Tar(out, progress, False)
+    emitted, opaque = set(), []
+
+    def add(name):
+        path = os.path.join(top, os.fsencode(name))
+        st = os.lstat(path)
+        tar.add(name, path, st)
+        emitted.add(name)
+        if stat.S_ISDIR(st.st_mode) and _xattrs(path).get(OPAQUE_XATTR) == b"y":
+            opaque.append(name)
+
+    def with_parents(name):
+        parts = name.split("/")
+        for i in range(1, len(parts)):
+            parent = "/".join(parts[:i])
+            if parent not in emitted:
+                add(parent)
+
+    changed = [name for name, attrs in now.items() if since.get(name) != attrs]
+    for name in sorted(changed, key=lambda n: n.split("/")):
+        if name in emitted or any(name.startswith(o + "/") for o in opaque):
+            continue
+        with_parents(name)
+        add(name)
+        if opaque and opaque[-1] == name:  # its marker hides what the layers below hold there: all of it again
+            for inner in sorted((n for n in now if n.startswith(name + "/")), key=lambda n: n.split("/")):
+                add(inner)
+    gone = 0
+    for name in sorted(set(since) - set(now), key=lambda n: n.split("/")):
+        parent, _sep, base = name.rpartition("/")
+        if parent and (not now.get(parent, "").startswith("d ") or any(under(parent, o) for o in opaque)):
+            continue  # gone with its folder (whose whiteout covers it), or now under an opaque folder or a non-folder
+        with_parents(name)
+        info = tarfile.TarInfo((parent + "/" if parent else "") + WHITEOUT_PREFIX + base)
+        info.mode = 0o600
+        info.uname = info.gname = ""
+        info.mtime = int(time.time())
+        tar.member(info)
+        tar.stats["whiteouts"] += 1
+        gone += 1
+    stats = tar.close()
+    stats["changed"] = len(emitted) + gone
     return stats
+
+
+def under(path, folder):
+    return path == folder or path.startswith(folder + "/")
 
 
 def _add_file(tar, info, path):
@@ -201,6 +371,27 @@ def _add_file(tar, info, path):
             if "unexpected end of data" in str(e):
                 raise OSError(f"{info.name} shrank while it was read: is the container paused?") from e
             raise
+
+
+class _Padded:
+    """A file read while it may change: zeros after an early end, so that its member keeps the size its header has."""
+
+    def __init__(self, f):
+        self.f = f
+
+    def read(self, size):
+        data = self.f.read(size)
+        return data + b"\0" * (size - len(data)) if len(data) < size else data
+
+
+def _add_changing_file(tar, info, path):
+    """Add a file of a running container; returns whether it stayed the same while it was read."""
+    with open(path, "rb", buffering=0) as f:
+        before = os.fstat(f.fileno())
+        tar.addfile(info, _Padded(f))
+        after = os.fstat(f.fileno())
+    keys = ("st_size", "st_mtime_ns", "st_ctime_ns", "st_ino")
+    return before.st_size == info.size and all(getattr(before, k) == getattr(after, k) for k in keys)
 
 
 def _entries(name, path, st, seen, stats):

@@ -22,14 +22,25 @@ import json
 import os
 import time
 from dataclasses import dataclass, field, replace
+from typing import NamedTuple
 
 from ansible_collections.gpulab.lab.plugins.module_utils import docker_api as api
 from ansible_collections.gpulab.lab.plugins.module_utils.backup import overlay
 from ansible_collections.gpulab.lab.plugins.module_utils.backup.blobs import BlobWriter, ChunkedLayerWriter
-from ansible_collections.gpulab.lab.plugins.module_utils.backup.common import CHUNK, Progress, now_utc, sha256_of
+from ansible_collections.gpulab.lab.plugins.module_utils.backup.common import (
+    CHUNK,
+    BackupError,
+    Progress,
+    now_utc,
+    sha256_of,
+)
 from ansible_collections.gpulab.lab.plugins.module_utils.backup.ingest import GuessedWrong, SaveIngest
 from ansible_collections.gpulab.lab.plugins.module_utils.backup.settings import CONFIG_KEYS
+from ansible_collections.gpulab.lab.plugins.module_utils.backup.tree import CONTENT_SIZES, StatCache
 from ansible_collections.gpulab.lab.plugins.module_utils.files import fsync_dir
+
+MAX_DELTAS = 16  # layers of changes over the writable layer's last full read, then a full read again
+PAUSED_READ_MAX = 32 * 1024 * 1024  # a writable layer this small is read whole while paused (one layer, no changes)
 
 
 class NoFastPath(Exception):
@@ -60,6 +71,20 @@ class Container:
         return len(self.base_layers) + 1
 
 
+class UpperState(NamedTuple):
+    """What the fast path recorded of the upper directory, for the stat cache once the manifest is written: the cache,
+    whether it was read in full, every path's stat_tuple, and the chain ({"chain": diff ids, "upper", "full_read"})."""
+
+    cache: StatCache
+    full: bool
+    records: dict
+    meta: dict
+
+    def save(self, backup_id):
+        """Into the stat cache (after the manifest): returns the bytes written."""
+        return self.cache.save(backup_id, {"upper": (self.full, self.records)}, self.meta)
+
+
 @dataclass
 class ContainerRead:
     """What a reader stored: the image config and layer entries (manifest entries, with "new"), and its figures.
@@ -76,6 +101,7 @@ class ContainerRead:
     chunks_reused: int = 0
     paused_seconds: float = 0.0
     unreadable: str | None = None
+    upper_state: UpperState | None = None
 
     def then(self, other):
         """This read's figures added to those of the read that took over from it (other's config and layers)."""
@@ -178,6 +204,7 @@ class Paused:
         self.c = c
         self.store = store
         self.seconds = 0.0
+        self.froze = False  # it paused the container (at some time)
         self._marker = None
         self._started = None
 
@@ -191,6 +218,7 @@ class Paused:
                 os.fsync(f.fileno())
             fsync_dir(self.store.tmp)
         self._started = time.monotonic()  # before the request: a stop during it may have paused the container
+        self.froze = True
         try:
             self.c.engine.json("POST", f"/containers/{self.c.info['Id']}/pause")
         except BaseException:
@@ -240,53 +268,160 @@ class PausedIfItCan(Paused):
 # ---- the fast path: the writable layer read from the overlay2 upper directory --------------------------------------
 
 
-def read_upper(c, store, index, backup_id, *, upper, base_config):
-    """The container's image plus its writable layer read from the upper directory. When the upper directory cannot
-    be read as a layer, the result says why (unreadable) and has the figures of what was done. The image's layers are
-    saved into the store first when it lacks some (no pause, no commit)."""
-    known, stored = index
-    base_read = None
-    if any(d not in stored for d in c.base_layers):
-        c.progress.set("save: the container's image, into the store")
-        base_read = save_image(c, store, index, c.info["Image"], None)
-        base_config, base = base_read.config, base_read.layers
-    else:
-        base = [dict(stored[d], new=False) for d in c.base_layers]
-    c.progress.set("reading the writable layer", upper=upper)
-    writer = ChunkedLayerWriter(store, known, c.level, c.progress)
-    unreadable = None
-    pause = Paused(c, store)
+def _previous_chain(c, store, stored, cache, *, upper, full_read_days):
+    """The writable layer's layers (entries, as the store has them) and recorded state of the previous backup, to
+    build this one on; (None, None) when a full read is due: no previous fast-path backup of this container with
+    this image and upper directory, a stat cache that does not end with it, a layer of it the store lacks (its
+    presence check), MAX_DELTAS layers of changes already, or the last full read full_read_days old."""
+    with contextlib.suppress(BackupError):
+        manifests = store.backups_of(c.name)
+        meta = cache.meta or {}
+        prev = manifests[-1] if manifests else None
+        if not prev or prev.get("path_taken") != "overlay-upperdir" or cache.last != prev["id"]:
+            return None, None
+        layers = [layer["diff_id"] for layer in prev.get("layers") or []]
+        base = len(c.base_layers)
+        chain = layers[base:]
+        fresh = not full_read_days or time.time() - meta.get("full_read", 0) < full_read_days * 86400
+        if (
+            layers[:base] == c.base_layers
+            and chain
+            and chain == meta.get("chain")
+            and meta.get("upper") == upper
+            and len(chain) <= MAX_DELTAS
+            and fresh
+            and all(d in stored for d in chain)
+        ):
+            return [dict(stored[d], new=False) for d in chain], cache.tree("upper", prev["id"])
+    return None, None
+
+
+def _chunked(c, store, known, write, pause=None):
+    """write(writer) into a ChunkedLayerWriter, in the with block of pause when given (the new chunks are
+    compressed and made durable after it); returns (its stats, blob entries, bytes written)."""
+    writer = ChunkedLayerWriter(store, known, c.level, c.progress, **CONTENT_SIZES)
+    if pause is not None:  # no zstd competes with the paused read for the cores: the chunks are compressed after it
+        writer.BATCH_BYTES = writer.BATCH_FILES = 1 << 62
     try:
-        with pause:
-            try:  # only what reading the upper directory raises: the store's own errors are errors
-                stats = overlay.write_layer(
-                    upper, writer, progress=lambda st: c.progress.update(bytes_read=st["bytes"])
-                )
-            except (overlay.UnsupportedOverlay, OSError) as e:
-                unreadable = e
-        if unreadable is None:
-            c.progress.set("compressing the new chunks", bytes_written=writer.written, chunks_new=writer.chunks_new)
-            blobs, written = writer.finish()
+        with pause or contextlib.nullcontext():
+            stats = write(writer)
+        if pause is not None:
+            del writer.BATCH_BYTES, writer.BATCH_FILES
+        if stats.get("changed", 1) == 0:
+            writer.abort()  # nothing changed: no layer
+            return stats, None, 0
+        c.progress.set("compressing the new chunks", bytes_written=writer.written, chunks_new=writer.chunks_new)
+        blobs, written = writer.finish()
     except BaseException:
         writer.abort()
         raise
-    done = replace(base_read, base_image_stored=True) if base_read else ContainerRead(None, None)
+    return stats, blobs, written
+
+
+def _unsettle_recent(records, since_ns):
+    """Mark the paths changed less than a clock tick before since_ns (a walk's start) unsettled: a change after the
+    walk within the same tick would leave their attributes as recorded."""
+    for name, attrs in records.items():
+        if not attrs.endswith(overlay.UNSETTLED) and overlay.attributes(attrs)[6] >= since_ns - overlay.SETTLE_NS:
+            records[name] = attrs + overlay.UNSETTLED
+
+
+def read_upper(c, store, index, backup_id, *, upper, base_config, full_read_days=0):
+    """The container's image plus its writable layer read from the upper directory, as layers over the image's: the
+    last full read of the upper directory (read while the container runs: write_layer) and one layer of changes per
+    backup since (write_changes, while it is paused: the metadata walk and the changed files, nothing else). A full
+    read is done when _previous_chain finds none to build on; its image's layers are saved into the store first when
+    it lacks some, the engine's export overlapping the full read (no commit, no pause). When the upper directory
+    cannot be read as a layer, the result says why (unreadable) and has the figures of what was done."""
+    known, stored = index
+    cache = StatCache(store, c.name)
+    chain, since = _previous_chain(c, store, stored, cache, upper=upper, full_read_days=full_read_days)
+    full = chain is None
+    done = ContainerRead(None, None)
+    base, unreadable = None, None
+    pause = Paused(c, store)
+    figures = {"read": 0, "written": 0, "new": 0, "reused": 0}
+
+    def progress(st):
+        c.progress.update(bytes_read=st["bytes"])
+
+    def read_full():
+        """The whole upper directory as a layer: while the container runs (when it holds more than PAUSED_READ_MAX
+        bytes; since: what it holds, by a scan before the read, each path marked unsettled unless the read found it
+        as scanned, settled and steady), else while it is paused (since: as read; no layer of changes after it)."""
+        nonlocal chain, since
+        scanned_at = time.time_ns()
+        scanned, _targets = overlay.scan(upper, tolerant=True)
+        small = sum(int(a.split(" ", 5)[4]) for a in scanned.values()) <= PAUSED_READ_MAX
+        c.progress.set(f"reading the writable layer{'' if small else ' (the container runs)'}", upper=upper)
+        read = {}
+        stats, blobs, written = _chunked(
+            c,
+            store,
+            known,
+            lambda w: overlay.write_layer(
+                upper,
+                w,
+                progress=progress,
+                record=read,
+                changing=not small,
+            ),
+            pause if small else None,
+        )
+        since = {
+            name: attrs
+            if name in read and read[name][1] and overlay.same_as_scanned(attrs, read[name][0])
+            else attrs + overlay.UNSETTLED
+            for name, attrs in scanned.items()
+        }
+        _unsettle_recent(since, scanned_at)
+        chain = [{"diff_id": stats["diff_id"], "size": stats["tar_bytes"], "blobs": blobs, "new": bool(written)}]
+        figures.update(read=stats["tar_bytes"], written=written)
+
+    now = {}
+    try:  # only what reading the upper directory raises: the store's own errors are errors
+        if any(d not in stored for d in c.base_layers):
+            c.progress.set("save: the container's image, into the store")
+            while_exporting = read_full if full else None
+            done = replace(save_image(c, store, index, c.info["Image"], while_exporting), base_image_stored=True)
+            base_config, base = done.config, done.layers
+        elif full:
+            read_full()
+        if full and pause.froze:  # read whole while paused: nothing changed since, no layer of changes
+            stats, blobs, written, now = {"tar_bytes": 0}, None, 0, since
+        else:
+            c.progress.set("reading the changes of the writable layer (paused)", upper=upper)
+            paused_at = time.time_ns()
+            stats, blobs, written = _chunked(
+                c, store, known, lambda w: overlay.write_changes(upper, w, since, now, progress=progress), pause
+            )
+            _unsettle_recent(now, paused_at)
+    except (overlay.UnsupportedOverlay, OSError) as e:
+        unreadable = e
     if unreadable is not None:
-        writer.abort()
         reason = f"the writable layer could not be read as a layer: {unreadable}"
         c.notices.append(f"{c.name}: {reason}; the backup commits and saves the container instead")
         return replace(done, config=None, layers=None, committed_id=None, unreadable=reason)
-    layer = {"diff_id": stats["diff_id"], "size": stats["tar_bytes"], "blobs": blobs, "new": bool(written)}
+    if blobs is not None:
+        chain.append({"diff_id": stats["diff_id"], "size": stats["tar_bytes"], "blobs": blobs, "new": bool(written)})
+    if base is None:
+        base = [dict(stored[d], new=False) for d in c.base_layers]
+    meta = {
+        "chain": [layer["diff_id"] for layer in chain],
+        "upper": upper,
+        "full_read": time.time() if full else (cache.meta or {}).get("full_read", 0),
+    }
     return replace(
         done,
-        config=upper_config(c, base_config, stats["diff_id"], backup_id),
-        layers=[*base, layer],
+        config=upper_config(c, base_config, meta["chain"], backup_id),
+        layers=[*base, *chain],
         committed_id=None,
-        bytes_read=done.bytes_read + stats["tar_bytes"],
-        bytes_written=done.bytes_written + written,
-        chunks_new=writer.chunks_new,
-        chunks_reused=writer.chunks_reused,
+        bytes_read=done.bytes_read + figures["read"] + stats["tar_bytes"],
+        bytes_written=done.bytes_written + figures["written"] + written,
+        chunks_new=len({b["digest"] for layer in chain if layer["new"] for b in layer["blobs"]}),
+        chunks_reused=0,
         paused_seconds=pause.seconds,
+        upper_state=UpperState(cache, full, now, meta),
     )
 
 
@@ -297,22 +432,26 @@ def _committed_config(c):
     return config
 
 
-def upper_config(c, base_config, diff_id, backup_id):
-    """The image config `docker commit` would write: the container's image's, with the container's config, one
-    more layer and one more history entry."""
+def upper_config(c, base_config, diff_ids, backup_id):
+    """The image config `docker commit` would write: the container's image's, with the container's config, and the
+    writable layer's layers (its last full read and the changes since), each with a history entry."""
     image = json.loads(base_config)
     now = now_utc()
     for key in ("container", "container_config", "id", "parent"):
         image.pop(key, None)
     image.update(created=now, config=_committed_config(c))
-    image["rootfs"] = {"type": "layers", "diff_ids": [*c.base_layers, diff_id]}
+    image["rootfs"] = {"type": "layers", "diff_ids": [*c.base_layers, *diff_ids]}
     image["history"] = [
         *(image.get("history") or []),
-        {
-            "created": now,
-            "created_by": f"gpulab container_backup: the writable layer of {c.name}",
-            "comment": f"gpulab backup {backup_id} of {c.name}",
-        },
+        *(
+            {
+                "created": now,
+                "created_by": f"gpulab container_backup: the writable layer of {c.name}"
+                + (" (its changes since the layer before)" if i else ""),
+                "comment": f"gpulab backup {backup_id} of {c.name}",
+            }
+            for i in range(len(diff_ids))
+        ),
     ]
     return json.dumps(image, separators=(",", ":")).encode()
 

@@ -39,7 +39,7 @@ from typing import NamedTuple
 
 from ansible_collections.gpulab.lab.plugins.module_utils.backup.blobs import ChunkedLayerWriter
 from ansible_collections.gpulab.lab.plugins.module_utils.backup.common import BackupError, check_name, sha256_of
-from ansible_collections.gpulab.lab.plugins.module_utils.backup.overlay import _walk, _xattrs
+from ansible_collections.gpulab.lab.plugins.module_utils.backup.overlay import _xattrs, scan
 from ansible_collections.gpulab.lab.plugins.module_utils.backup.streams import BlobReader
 from ansible_collections.gpulab.lab.plugins.module_utils.files import fsync_dir
 
@@ -65,30 +65,12 @@ class TreeArchive(NamedTuple):
     warning: str | None
 
 
-def stat_tuple(st, settled=True):
-    """What tells a file unchanged: mode (type included), owner, size, mtime, ctime, inode, link count; settled False:
-    it was read too soon after a change to be trusted."""
-    return [st.st_mode, st.st_uid, st.st_gid, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_nlink,
-            bool(settled)]  # fmt: skip
-
-
-def unchanged(before, st, now_ns):
-    """True when the stat cache's tuple `before` says a file with lstat `st` is the file read then."""
-    return (
-        before is not None
-        and before[8]
-        and before[:8] == stat_tuple(st)[:8]
-        and st.st_mtime_ns <= now_ns + FUTURE_NS
-        and st.st_ctime_ns <= now_ns + FUTURE_NS
-    )
-
-
 # ---- the stat cache ------------------------------------------------------------------------------------------------
 
 
 class StatCache:
-    """<store>/index/<container>.jsonl: each line {"backup": id, "trees": {tree: {"full": bool, "set": {path: stat
-    tuple}, "del": [paths]}}}; a line with every tree full starts it again (the file is then rewritten)."""
+    """<store>/index/<container>.jsonl: each line {"backup": id, "meta": {...}, "trees": {tree: {"full": bool, "set":
+    {path: overlay.stat_tuple}, "del": [paths]}}}; a full line starts it again (the file is then rewritten)."""
 
     MAX_LINES = 64  # then the next backup rewrites it whole
 
@@ -98,6 +80,7 @@ class StatCache:
         self.path = os.path.join(self.folder, check_name(container, "container name") + ".jsonl")
         self.trees = {}
         self.last = None
+        self.meta = None
         self.lines = 0
         self._load()
 
@@ -109,7 +92,7 @@ class StatCache:
             return
         except OSError:
             return  # a cache: unreadable is as missing
-        trees, last = {}, None
+        trees, last, meta = {}, None, None
         try:
             for line in lines:
                 record = json.loads(line)
@@ -119,10 +102,10 @@ class StatCache:
                     for path in change.get("del") or []:
                         current.pop(path, None)
                     trees[tree] = current
-                last = record["backup"]
+                last, meta = record["backup"], record.get("meta")
         except (ValueError, KeyError, TypeError, AttributeError):
             return  # a torn last line (a killed run): not trusted at all
-        self.trees, self.last, self.lines = trees, last, len(lines)
+        self.trees, self.last, self.meta, self.lines = trees, last, meta, len(lines)
 
     def tree(self, name, previous_backup):
         """The stat tuples of a tree as the previous backup left them, or {} when the cache does not end with it."""
@@ -130,9 +113,9 @@ class StatCache:
             return {}
         return self.trees.get(name, {})
 
-    def save(self, backup_id, trees):
-        """trees: {tree: (full, stats)}: append this backup's changes (or rewrite the file when the cache does not end
-        with the previous backup, a tree is read in full or it has grown long). Returns the bytes written."""
+    def save(self, backup_id, trees, meta=None):
+        """trees: {tree: (full, stats)}: append this backup's changes (or rewrite the file when a tree is read in full
+        or it has grown long); meta: what the caller needs with them. Returns the bytes written."""
         os.makedirs(self.folder, mode=0o700, exist_ok=True)
         rewrite = self.lines >= self.MAX_LINES or any(full for full, _stats in trees.values())
         known = self.trees
@@ -147,9 +130,8 @@ class StatCache:
                 "set": {p: s for p, s in stats.items() if before.get(p) != s},
                 "del": [p for p in before if p not in stats],
             }
-        data = (json.dumps({"backup": backup_id, "trees": change}, separators=(",", ":")) + "\n").encode(
-            "utf-8", "surrogateescape"
-        )
+        line = {"backup": backup_id, "meta": meta, "trees": change}
+        data = (json.dumps(line, separators=(",", ":")) + "\n").encode("utf-8", "surrogateescape")
         if rewrite:
             fd, tmp = self.store.tmp_file("index-")
             try:
@@ -294,7 +276,7 @@ def archive_tree(store, entry, *, previous, level, known, full=False, pause=None
     that freezes the container (for the files that keep changing). Returns a TreeArchive."""
     old = {}
     if previous and previous.get("format") == TREE_FORMAT and not full:
-        old = {r["p"]: r for r in read_listing(store, previous) if r["t"] == "f"}
+        old = {r["p"]: r for r in read_listing(store, previous)}
     run = _TreeRun(store, dict(entry), known, level, progress)
     try:
         run.walk(old)
@@ -305,24 +287,15 @@ def archive_tree(store, entry, *, previous, level, known, full=False, pause=None
         raise
 
 
-def _walk_tree(source):
-    st = os.lstat(source)
-    yield "", source, st
-    if stat.S_ISDIR(st.st_mode):
-        for rel, path, st in _walk(os.fsencode(source)):
-            yield os.fsdecode(rel), os.fsdecode(path), st
-
-
-def _unchanged(prev, rec, now_ns, known):
-    """True when the previous listing's record of a file says it is this file, as read then: same mode, owner, size,
-    mtime, ctime, inode and link count, settled when it was read, no time in the future, its chunks in the store."""
+def _unchanged(prev, attrs, known):
+    """True when the previous listing's record of a path says it is this one, as read then: the same attributes (mode,
+    owner, size, mtime, ctime, inode, link count), settled when it was read, no time in the future; a file's chunks
+    in the store."""
     return (
         prev is not None
+        and prev.get("a") == attrs
         and not prev.get("racy")
-        and all(prev.get(k) == rec.get(k) for k in ("m", "u", "g", "s", "mt", "c", "i", "n"))
-        and rec["mt"] <= now_ns + FUTURE_NS
-        and rec["c"] <= now_ns + FUTURE_NS
-        and all("sha256:" + r[0] in known for r in prev.get("r") or [])
+        and (prev["t"] != "f" or all("sha256:" + r[0] in known for r in prev.get("r") or []))
     )
 
 
@@ -346,31 +319,47 @@ class _TreeRun:
         self.pause_used = None
 
     def walk(self, old):
-        """Every path's record; a file unchanged since the previous backup takes its chunks, the others are to read."""
+        """Every path's record: one whose attributes (a scan: one find process) are those the previous listing
+        recorded is taken from it, a file with its chunks; the others are read from their lstat, their files to be
+        read. The records in the order of a sorted walk, each folder before what it holds."""
         now = time.time_ns()
+        st = os.lstat(self.source)
+        scanned, _targets = scan(self.source, tolerant=True) if stat.S_ISDIR(st.st_mode) else ({}, {})
+        root = _record("", st, self.source)
+        self.records.append(root)
+        if root["t"] == "f":
+            self.todo.append((root, self.source))
         links = {}
-        for rel, path, st in _walk_tree(self.source):
+        for rel in sorted(scanned, key=lambda n: n.split("/")):
+            attrs = scanned[rel]
+            prev = old.get(rel)
+            if _unchanged(prev, attrs, self.known):
+                self.records.append(prev)
+                if prev["t"] == "f" and prev.get("n", 1) > 1:
+                    links.setdefault(prev["i"], rel)
+                continue
+            path = os.path.join(self.source, rel)
             try:
+                st = os.lstat(path)
                 rec = _record(rel, st, path)
             except FileNotFoundError:
                 continue  # removed meanwhile
             if rec is None:
                 continue
+            rec["a"] = attrs
+            if rec["mt"] > now + FUTURE_NS:
+                rec["racy"] = True  # a time in the future: not trusted next time
             self.records.append(rec)
             if rec["t"] != "f":
                 continue
             if st.st_nlink > 1:
-                first = links.setdefault((st.st_dev, st.st_ino), rel)
+                first = links.setdefault(st.st_ino, rel)
                 if first != rel:
                     rec["t"], rec["l"] = "h", first
                     for key in ("s", "c", "i", "n"):
                         del rec[key]
                     continue
-            prev = old.get(rel)
-            if _unchanged(prev, rec, now, self.known):
-                rec["r"] = prev.get("r") or []
-            else:
-                self.todo.append((rec, path))
+            self.todo.append((rec, path))
 
     def read_changed(self, pause):
         """Read the files to read; those that changed while read, again (TRIES times), then while paused."""
@@ -405,8 +394,8 @@ class _TreeRun:
         rec.update(s=st.st_size, mt=st.st_mtime_ns, c=st.st_ctime_ns, i=st.st_ino, n=st.st_nlink)
         rec["_range"] = (start, st.st_size)
         rec.pop("racy", None)
-        if not stable:
-            rec["racy"] = True  # not trusted next time: read again
+        if not stable or max(st.st_mtime_ns, st.st_ctime_ns) > time.time_ns() + FUTURE_NS:
+            rec["racy"] = True  # not trusted next time (changed while read, or a time in the future): read again
         self.read += st.st_size
         return stable
 
