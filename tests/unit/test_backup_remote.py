@@ -234,24 +234,29 @@ def test_a_remote_without_this_servers_backups_fetches_nothing_and_fails_nothing
     assert not Path(settings.store, "backups").exists()
 
 
-def test_a_blob_damaged_on_the_remote_is_refused_by_its_name_and_nothing_is_kept(tmp_path, nas):
+def test_a_blob_damaged_on_the_remote_is_refused_by_its_name_and_the_scrub_has_it_sent_again(tmp_path, nas):
     settings = settings_for(tmp_path, "gpu1", nas)
     manifest = add_backup(Store(settings.store, create=True), "nb", "20260101T000000.000Z-aaaaaa", b"good" * 50)
     digest = manifest["layers"][0]["blobs"][0]["digest"]
     remote.upload(settings)
-    shutil.rmtree(settings.store)
     target = nas / "blobs/sha256" / digest[7:]
-    target.write_bytes(b"bad!" * 50)
+    target.write_bytes(b"bad!" * 50)  # the same size: only a checksum tells
+    reinstalled = settings._replace(store=str(tmp_path / "reinstalled"))
     with pytest.raises(BackupError, match=f"blob {digest} is damaged on nas:"):
-        remote.fetch(settings)
-    store = Store(settings.store)
+        remote.fetch(reinstalled)
+    store = Store(reinstalled.store)
     assert store.backup_ids("nb") == [] and os.listdir(store.blobs) == [] and os.listdir(store.tmp) == []
+    assert remote.upload(settings).blobs == 0  # the same size: an upload cannot tell
     scrubbed = remote.scrub(settings)
-    assert scrubbed.blobs == 1 and len(scrubbed.problems) == 1
-    assert f"blob {digest} is damaged on nas:" in scrubbed.problems[0]
+    assert scrubbed.blobs == 1 and len(scrubbed.problems) == 2
+    assert f"blob {digest} is damaged (its checksum differs) on nas:" in scrubbed.problems[0]
     assert "gpu1/nb/20260101T000000.000Z-aaaaaa" in scrubbed.problems[0]
-    target.unlink()
-    assert "is missing or unreadable" in remote.scrub(settings).problems[0]
+    assert "moved to quarantine/sha256/" in scrubbed.problems[1]
+    assert not target.exists() and (nas / "quarantine/sha256" / digest[7:]).read_bytes() == b"bad!" * 50
+    assert f"blob {digest} is missing on nas:" in remote.scrub(settings, check_mode=True).problems[0]
+    assert remote.upload(settings).blobs == 1  # the server that has it sends it again
+    assert remote.scrub(settings).problems == []
+    assert remote.fetch(reinstalled).fetched[0].blobs == 1
 
 
 def test_the_scrub_of_a_sound_remote_finds_nothing(tmp_path, nas):

@@ -34,7 +34,8 @@ description:
     size and sha256 are checked before it is put into the store, and a damaged one is refused by its name. A
     container the remote has no backup of is named in RV(absent) and left to the restore.
   - O(action=verify) downloads every blob a manifest on the remote names and checks its sha256; fails naming each
-    damaged or missing blob and the backups that need it.
+    damaged or missing blob and the backups that need it. A damaged blob is moved to C(quarantine/sha256/) on the
+    remote (not in check mode), so that the next upload of a server that still has it sends it again.
 author:
   - gpulab developers (!UNKNOWN)
 options:
@@ -248,7 +249,7 @@ def run(module):
             "absent": found.absent,
             "notices": [n for f in found.fetched for n in f.notices],
         }
-    scrubbed = remote.scrub(settings)
+    scrubbed = remote.scrub(settings, check_mode=check)
     if scrubbed.problems:
         module.fail_json(
             msg=f"the copy on {settings.name} is damaged: " + "; ".join(scrubbed.problems),

@@ -16,6 +16,7 @@ Layout under the remote path (backup_remote, for example nas:gpulab), the store'
   blobs/sha256/<hex>                                 blobs, shared by every server that uses the remote
   servers/<server>/backups/<container>/<id>.json     each server's manifests, in its own folder
   locks/<upload|prune>-<server>-<unix time>-<random> an upload or a retention run in progress
+  quarantine/sha256/<hex>                            blobs the scrub found damaged, moved out of blobs/
 Blobs are uploaded before the manifests that name them (a manifest on the remote never names a blob the remote
 lacks); files already there with their size are not sent again; nothing is removed but by retention (prune), which
 removes a blob only when no manifest of any server names it and no upload of any server is running (its lock).
@@ -51,6 +52,7 @@ PROG = "python3 -m ansible_collections.gpulab.lab.plugins.module_utils.backup.re
 BLOBS = "blobs/sha256"
 SERVERS = "servers"
 LOCKS = "locks"
+QUARANTINE = "quarantine/sha256"
 # A lock older than this is a killed run's: an upload or a prune takes far less (an upload's lock is older only when
 # its server was cut off for a day, and then its next upload uploads whatever retention removed).
 LOCK_STALE = 24 * 3600
@@ -574,10 +576,12 @@ def _check_fetched(settings, manifest, folder, needed, copy_error):
 # ---- the remote scrub ----------------------------------------------------------------------------------------------
 
 
-def scrub(settings):
+def scrub(settings, check_mode=False):
     """Download every blob a manifest on the remote names (of every server) and check the sha256 of what the remote
-    holds against the manifests' (rclone hashsum --download: the bytes as they come back, decrypted with crypt).
-    Returns Scrubbed; problems name the blob and the backups that need it."""
+    holds against the manifests' (rclone hashsum --download: the bytes as they come back, decrypted with crypt). A
+    blob whose bytes differ, or that cannot be read twice in a row (a damaged encrypted file), is moved to
+    quarantine/sha256/ on the remote (unless check_mode), so that the next upload of a server that still has it sends
+    it again. Returns Scrubbed; problems name the blob and the backups that need it."""
     start = time.monotonic()
     rclone = Rclone(settings)
     with tempfile.TemporaryDirectory(prefix="gpulab-remote-") as folder:
@@ -590,26 +594,56 @@ def scrub(settings):
         for blob, _what in manifest_blobs(manifest):
             wanted[blob_name(blob["digest"])] = blob
             users.setdefault(blob_name(blob["digest"]), []).append(f"{server}/{container}/{backup_id}")
-    proc = rclone.run("hashsum", "sha256", "--download", rclone.path(BLOBS), check=False)
-    sums = {}
-    for line in proc.stdout.decode(errors="replace").splitlines():
-        digest, _, name = line.strip().partition("  ")
-        if name:
-            sums[name.strip()] = digest
+    present = rclone.files(BLOBS)
+    sums = _hashsums(rclone)
+    unread = sorted(n for n in wanted if n in present and n not in sums)
+    if unread:  # once more, alone: a read that failed for a moment is no damage
+        sums.update(_hashsums(rclone, unread))
+    damaged = []
     for name, blob in sorted(wanted.items()):
         need = ", ".join(users[name][:3]) + (f" and {len(users[name]) - 3} more" if len(users[name]) > 3 else "")
         got = sums.get(name)
-        if got is None:
-            problems.append(f"blob sha256:{name} is missing or unreadable on {settings.name} (needed by {need})")
-        elif "sha256:" + got != blob["stored_digest"]:
-            problems.append(f"blob sha256:{name} is damaged on {settings.name} (needed by {need})")
+        if name not in present:
+            problems.append(f"blob sha256:{name} is missing on {settings.name} (needed by {need})")
+        elif got is None or "sha256:" + got != blob["stored_digest"]:
+            how = "cannot be read (damaged)" if got is None else "is damaged (its checksum differs)"
+            problems.append(f"blob sha256:{name} {how} on {settings.name} (needed by {need})")
+            damaged.append(name)
+    if damaged and not check_mode:
+        with tempfile.NamedTemporaryFile("w", prefix="gpulab-rclone-", suffix=".list") as listing:
+            listing.write("".join(n + "\n" for n in damaged))
+            listing.flush()
+            rclone.run("move", "--files-from-raw", listing.name, rclone.path(BLOBS), rclone.path(QUARANTINE))
+        problems.append(
+            f"{len(damaged)} damaged blob(s) moved to {QUARANTINE}/ on {settings.name}: the next upload of a server "
+            "that still has them sends them again"
+        )
     return Scrubbed(
         len(wanted),
         sum(b["stored_size"] for b in wanted.values()),
         problems,
-        len([n for n in sums if n not in wanted]),
+        len([n for n in present if n not in wanted]),
         _since(start),
     )
+
+
+def _hashsums(rclone, names=()):
+    """{name: sha256 hex} of the blobs on the remote (or of `names`), downloaded; a blob that cannot be read is left
+    out."""
+    args = ["hashsum", "sha256", "--download", rclone.path(BLOBS)]
+    with contextlib.ExitStack() as stack:
+        if names:
+            listing = stack.enter_context(tempfile.NamedTemporaryFile("w", prefix="gpulab-rclone-", suffix=".list"))
+            listing.write("".join(n + "\n" for n in names))
+            listing.flush()
+            args[3:3] = ["--files-from-raw", listing.name]
+        proc = rclone.run(*args, check=False)
+    sums = {}
+    for line in proc.stdout.decode(errors="replace").splitlines():
+        digest, _, name = line.strip().partition("  ")
+        if name and len(digest) == 64:
+            sums[name.strip()] = digest
+    return sums
 
 
 # ---- the configuration file ----------------------------------------------------------------------------------------
