@@ -14,7 +14,9 @@ timer of role backup (cli.py). One concern per file:
   ingest.py       a docker save stream's layers into the store (SaveIngest)
   overlay.py      an overlay2 upper directory as a layer tar, and the content-defined chunker
   settings.py     a container's run settings, secret variables left out
-  mounts.py       bind mounts: which are archived, their archive and unpacking
+  mounts.py       bind mounts: which are archived, their backup and restore (tree.py; tar archives of older backups)
+  tree.py         a work directory as content-defined chunks with a listing, read incrementally and consistently,
+                  restored exactly; the stat cache of the writable layer's metadata walk
   sources.py      the readers of a container: upper dir, commit + save, export-flatten (one typed result)
   backup.py       BackupJob: which path, check mode, the run into the store, the manifest
   archive.py      format docker-archive: one docker load-able tar

@@ -27,12 +27,17 @@ An upper directory the conversion cannot represent faithfully raises Unsupported
 back to `docker commit` + `docker save`: overlay's metacopy (file data still in a lower layer) or redirect_dir
 (renamed directories) features, which Docker's overlay2 driver never turns on but a hand-tuned engine might.
 
+write_changes(upperdir, out, since, record) writes, the same way, only what changed since a recorded state (new or
+changed entries with the folders above them, opaque folders whole, whiteouts for what is gone): a layer to apply over
+the layers that hold that state. scan(top) is the metadata walk both compare (one find process: a tree of tens of
+thousands of files in a fraction of a second, while the container is paused).
+
 MemberChunker cuts the layer tar as write_layer writes it into content-defined chunks at member boundaries (its
 docstring says how and why not byte-level FastCDC): the store keeps each chunk once, by its hash, so a layer written
 again after a small change costs little more than the change. write_layer calls out.mark(name, size) before each
 member when `out` has a mark method.
 
-Python's standard library only (3.8 or newer).
+Python's standard library only (3.8 or newer), and find (Debian's findutils).
 """
 
 from __future__ import annotations

@@ -5,8 +5,11 @@
 typed result, a ContainerRead (the image config, the layer entries, the figures):
 
   - read_upper, the fast path (overlay-upperdir): the writable layer read straight from the container's overlay2
-    upper directory (paused only while it is read) as content-defined chunks; the image's own layers come from the
-    store, or are saved into it first (no commit, no pause);
+    upper directory as content-defined chunks, incrementally: the layers of a backup are the image's, the writable
+    layer's last full read (while the container runs, or paused when it is small) and one layer of the changes since
+    per backup, read while the container is paused (a metadata walk and the changed entries: the pause follows the
+    change, not the layer's size); the image's own layers come from the store, or are saved into it first (no
+    commit, no pause), the engine's export overlapping the full read;
   - commit_and_save, the fallback (commit-save): the container committed (paused while Docker commits) and the
     committed image read from `docker save`, each layer the store lacks written as one blob;
   - export_flat (export-flatten): the container's whole file system exported as one layer, for an image near
