@@ -153,7 +153,7 @@ def test_a_flipped_byte_is_quarantined_and_the_next_backup_stores_it_again(conta
         assert entry["damaged"] is False
 
 
-def test_content_the_source_no_longer_has_is_never_referenced_again(containers, tmp_path):
+def test_content_the_source_no_longer_has_is_never_referenced_again(containers, tmp_path, capsys):
     c = containers[0]
     store_dir = tmp_path / "store"
     first = backup(c, store_dir)
@@ -177,7 +177,12 @@ def test_content_the_source_no_longer_has_is_never_referenced_again(containers, 
     lacks = next(b for b in second["backups"] if b["backup_id"] == first["backup_id"])["lacks"]
     assert lacks and all(chunk in lack for lack in lacks)
     assert not os.path.exists(store.blob_path(chunk))
-    assert chunk not in referenced(read_json(backup(c, store_dir)["manifest"]))
+    # The timer's backup: its result, and a line in the journal naming the damaged backup and what it lacks.
+    capsys.readouterr()
+    assert cli("backup", "--store", store_dir, "--container", c["name"]) == 0
+    printed = capsys.readouterr()
+    assert chunk not in referenced(read_json(json.loads(printed.out.strip().splitlines()[-1])["manifest"]))
+    assert f"gpulab_backup: damaged backups in {store_dir}: {c['name']} {first['backup_id']} lacks layer" in printed.err
 
 
 def test_a_damaged_image_layer_shared_by_two_containers(containers, tmp_path):
