@@ -34,11 +34,11 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from typing import NamedTuple
 
+from ansible_collections.gpulab.lab.plugins.module_utils.backup.cli import err, out
 from ansible_collections.gpulab.lab.plugins.module_utils.backup.common import (
     BackupError,
     check_name,
@@ -210,8 +210,8 @@ class Lock(NamedTuple):
 def read_locks(rclone):
     locks = []
     for name in rclone.files(LOCKS):
-        kind, _, rest = name.partition("-")
-        server, _, stamp = rest.rpartition("-")[0].rpartition("-")
+        kind, _sep, rest = name.partition("-")
+        server, _sep, stamp = rest.rpartition("-")[0].rpartition("-")
         with contextlib.suppress(ValueError):
             locks.append(Lock(kind, server, int(stamp), name))
     return locks
@@ -640,7 +640,7 @@ def _hashsums(rclone, names=()):
         proc = rclone.run(*args, check=False)
     sums = {}
     for line in proc.stdout.decode(errors="replace").splitlines():
-        digest, _, name = line.strip().partition("  ")
+        digest, _sep, name = line.strip().partition("  ")
         if name and len(digest) == 64:
             sums[name.strip()] = digest
     return sums
@@ -758,34 +758,32 @@ def main(argv=None):
     try:
         settings = Settings.load(args.settings)
         if args.command == "list":
-            print(json.dumps(remote_containers(settings)))
+            out(json.dumps(remote_containers(settings)))
             return 0
         if args.command == "verify":
             result = scrub(settings)
-            print(json.dumps(result._asdict(), sort_keys=True), flush=True)
+            out(json.dumps(result._asdict(), sort_keys=True))
             for problem in result.problems:
-                print(f"gpulab_backup_remote: {problem}", file=sys.stderr, flush=True)
+                err(problem)
             if result.problems:
-                print(
-                    f"gpulab_backup_remote: the copy on {settings.name} is damaged: {len(result.problems)} problem(s) "
-                    f"in {result.blobs} blob(s) checked",
-                    file=sys.stderr,
+                err(
+                    f"the copy on {settings.name} is damaged: {len(result.problems)} problem(s), {result.blobs} blob(s)"
                 )
                 return 1
             return 0
         uploaded = upload(settings) if args.command == "upload" else None
         pruned = prune(settings)
         if uploaded is not None:
-            print(json.dumps(uploaded._asdict(), sort_keys=True), flush=True)
-            print(upload_line(settings, uploaded, pruned), flush=True)
-        print(json.dumps({"pruned": pruned._asdict()}, sort_keys=True), flush=True)
+            out(json.dumps(uploaded._asdict(), sort_keys=True))
+            out(upload_line(settings, uploaded, pruned))
+        out(json.dumps({"pruned": pruned._asdict()}, sort_keys=True))
         for warning in (uploaded.warnings if uploaded else []) + pruned.warnings:
-            print(f"gpulab_backup_remote: {warning}", file=sys.stderr, flush=True)
+            err(warning)
         return 0
     except BackupError as e:
-        print(f"gpulab_backup_remote: {e}", file=sys.stderr)
+        err(str(e))
     except OSError as e:
-        print(f"gpulab_backup_remote: {os_error_text(e)}", file=sys.stderr)
+        err(os_error_text(e))
     return 1
 
 
