@@ -335,3 +335,21 @@ def test_a_blob_quarantined_in_the_store_is_fetched_again_from_the_remote_and_le
     assert any(bad in notice for notice in fetched[0].notices)
     assert store.missing_blobs(manifest) == [] and store.quarantined() == {}
     assert remote.upload(settings).blobs == 0  # nothing new for the remote
+
+
+def test_an_unreadable_manifest_on_the_remote_is_named_by_the_scrub_and_stops_retention_removing_blobs(tmp_path, nas):
+    settings = settings_for(tmp_path, "gpu1", nas)
+    add_backup(Store(settings.store, create=True), "nb", "20260101T000000.000Z-aaaaaa", b"k" * 10)
+    remote.upload(settings)
+    (nas / "blobs/sha256" / ("e" * 64)).write_bytes(b"nobody's")
+    broken = nas / "servers/gpu2/backups/nb/20260101T000000.000Z-bbbbbb.json"
+    broken.parent.mkdir(parents=True)
+    broken.write_text('{"format": "gpulab-backup", "layers": [')  # cut short
+    scrubbed = remote.scrub(settings)
+    assert (
+        len(scrubbed.problems) == 1
+        and "servers/gpu2/backups/nb/20260101T000000.000Z-bbbbbb.json" in (scrubbed.problems[0])
+    )
+    pruned = remote.prune(settings)
+    assert pruned.blobs == 0 and "no blob was removed" in pruned.warnings[0]
+    assert (nas / "blobs/sha256" / ("e" * 64)).exists()

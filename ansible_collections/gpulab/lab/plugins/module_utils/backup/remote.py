@@ -285,7 +285,8 @@ def download_manifests(rclone, folder, only_server=None):
         if p.endswith(".json") and p.count("/") == 3 and p.split("/")[1] == "backups"
         if only_server is None or p.split("/")[0] == only_server
     ]
-    rclone.copy(rclone.path(SERVERS), folder, names)
+    with contextlib.suppress(RemoteError):  # one that cannot be read is named below; the others are read
+        rclone.copy(rclone.path(SERVERS), folder, names)
     out = {}
     for name in names:
         server, _backups, container, file_name = name.split("/")
