@@ -141,6 +141,18 @@ manifests_uploaded:
   description: Manifests sent (O(action=upload)).
   type: int
   returned: upload
+manifests_there:
+  description: Manifests the remote already had (O(action=upload)).
+  type: int
+  returned: upload
+seconds:
+  description: Duration of the upload or the scrub.
+  type: float
+  returned: upload, verify
+target:
+  description: The rclone path the other actions use (the crypt remote's with a crypt password) (O(action=config)).
+  type: str
+  returned: config
 removed_backups:
   description: Backups removed from the remote, as C(<container>/<id>) (O(action=prune)).
   type: list
@@ -171,6 +183,14 @@ absent:
   returned: fetch
 blobs_checked:
   description: Blobs downloaded and checked (O(action=verify)).
+  type: int
+  returned: verify
+bytes_checked:
+  description: Bytes of the blobs downloaded and checked (O(action=verify)).
+  type: int
+  returned: verify
+unreferenced:
+  description: Blobs on the remote that no manifest names (retention removes them) (O(action=verify)).
   type: int
   returned: verify
 problems:
