@@ -25,10 +25,6 @@ from ansible_collections.gpulab.lab.plugins.filter.notebook_jupyter import (
     valid_password_hash,
 )
 from ansible_collections.gpulab.lab.plugins.filter.notebook_server import (
-    LABEL_IMAGE,
-    LABEL_LIMITS,
-    LABEL_ROLE,
-    LABEL_USER,
     LIMITS,
     as_int,
     check_containers,
@@ -38,6 +34,12 @@ from ansible_collections.gpulab.lab.plugins.filter.notebook_server import (
     keep_restored_images,
     publish_address,
     valid_port,
+)
+from ansible_collections.gpulab.lab.plugins.module_utils.notebook.desired import (
+    LABEL_IMAGE,
+    LABEL_LIMITS,
+    LABEL_ROLE,
+    LABEL_USER,
 )
 
 STATES = ("started", "stopped", "absent")

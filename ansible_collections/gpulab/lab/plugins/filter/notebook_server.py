@@ -14,13 +14,7 @@ import ipaddress
 import posixpath
 import re
 
-from ansible_collections.gpulab.lab.plugins.module_utils.notebook.desired import (  # noqa: F401 (re-exported)
-    LABEL_IMAGE,
-    LABEL_LIMITS,
-    LABEL_RESTORED,
-    LABEL_ROLE,
-    LABEL_USER,
-)
+from ansible_collections.gpulab.lab.plugins.module_utils.notebook.desired import LABEL_RESTORED, LABEL_USER
 
 GPU_UUID_RE = re.compile(r"^(GPU|MIG)-[0-9A-Za-z-]+$")
 # How gpulab knows its notebook containers and whose each is, the limits as a label (a new limit changes the

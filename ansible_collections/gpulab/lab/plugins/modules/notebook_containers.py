@@ -97,6 +97,10 @@ options:
     description: Seconds to wait for the started notebooks to answer; V(0) does not wait.
     type: int
     default: 120
+  timeout:
+    description: Seconds to wait for each read from the engine; V(0) waits for ever (a commit of a big layer).
+    type: int
+    default: 0
 extends_documentation_fragment:
   - gpulab.lab.attributes
   - gpulab.lab.attributes.idempotent
@@ -130,18 +134,36 @@ notebooks:
   type: list
   elements: dict
   contains:
-    name: {description: The student., type: str}
+    name:
+      description: The student.
+      type: str
     action:
       description: >-
         unchanged, created, recreated, rebased, replaced, started, restarted, stopped, removed, left as it was.
       type: str
-    settings_changed: {description: The settings that changed (port, gpus, memory, env, ...)., type: list}
-    kernels_restarted: {description: Whether the student's running kernels were stopped., type: bool}
-    carried_over: {description: Whether the environment inside the container was carried over., type: bool}
-    safety_backup: {description: The safety backup (id, store, seconds, path_taken) or null., type: dict}
-    pending_update: {description: An image update the policy keep left pending, and how to take it., type: str}
-    messages: {description: What to tell about this student., type: list}
-    error: {description: Why this student's change failed (its container was left as it was)., type: str}
+    settings_changed:
+      description: The settings that changed (port, gpus, memory, env, ...).
+      type: list
+      elements: str
+    kernels_restarted:
+      description: Whether the student's running kernels were stopped.
+      type: bool
+    carried_over:
+      description: Whether the environment inside the container was carried over.
+      type: bool
+    safety_backup:
+      description: "The safety backup: id, store, seconds, path_taken; null when none was taken."
+      type: dict
+    pending_update:
+      description: An image update that the policy keep left pending, and how to take it.
+      type: str
+    messages:
+      description: What to tell about this student.
+      type: list
+      elements: str
+    error:
+      description: Why this student's change failed (its container was left as it was).
+      type: str
 messages:
   description: Every student's messages, one line each.
   returned: always
@@ -175,6 +197,7 @@ def main():
             "safety_backup_keep_last": {"type": "int", "default": 3},
             "flatten_threshold": {"type": "int", "default": 100},
             "wait_timeout": {"type": "int", "default": 120},
+            "timeout": {"type": "int", "default": 0},
             "docker_host": {"type": "str", "default": "unix:///var/run/docker.sock"},
         },
         supports_check_mode=True,
@@ -194,7 +217,7 @@ def main():
         check_mode=module.check_mode,
     )
     try:
-        outcomes = Run(api.Engine(p["docker_host"]), options).apply(p["users"])
+        outcomes = Run(api.Engine(p["docker_host"], p["timeout"] or None), options).apply(p["users"])
     except (api.DockerApiError, OSError) as e:
         module.fail_json(msg=f"the notebooks could not be applied: {e}")
     except Exception as e:
