@@ -393,6 +393,9 @@ def test_verify_names_corrupt_and_missing_blobs(store):
     data[len(data) // 2] ^= 0x01
     os.chmod(path, 0o600)
     Path(path).write_bytes(bytes(data))
+    with pytest.raises(backup_common.BackupError, match=rf"layer 2 .*blob {digest} is corrupt \(its file has"):
+        backup_verify.verify_backup(store, manifest, layer_content=False, found_by=None)  # as in check mode
+    assert Path(path).read_bytes() == bytes(data)  # left where it is
     with pytest.raises(backup_common.BackupError, match=rf"layer 2 .*blob {digest} is corrupt .*moved to"):
         backup_verify.verify_backup(store, manifest, layer_content=False)
     # The restore's verification moved it to quarantine: the backup now lacks it, and names why.

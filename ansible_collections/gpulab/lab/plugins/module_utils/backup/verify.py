@@ -173,11 +173,13 @@ def quarantine_corrupt(store, problems, found_by):
     return texts
 
 
-def verify_backup(store, manifest, *, layer_content=True, mount_content=True, progress=None, workers=2):
+def verify_backup(
+    store, manifest, *, layer_content=True, mount_content=True, progress=None, workers=2, found_by="restore"
+):
     """Check the blobs of a backup: every one present, with its size and the sha256 of its stored file; and the sha256
     of what it decompresses to, for the layers (layer_content) and the bind-mount archives (mount_content). A corrupt
-    blob is moved to quarantine (found by the restore). Raises BackupError naming every bad blob. Returns the figures
-    checked (Verified)."""
+    blob is moved to quarantine, found by found_by (None: left where it is, as in check mode). Raises BackupError
+    naming every bad blob. Returns the figures checked (Verified)."""
     missing = store.missing_blobs(manifest)
     if missing:
         raise BackupError(
@@ -202,7 +204,7 @@ def verify_backup(store, manifest, *, layer_content=True, mount_content=True, pr
     if problems:
         raise BackupError(
             f"backup {manifest['id']} of {manifest['container']} is damaged; nothing was changed: "
-            + "; ".join(quarantine_corrupt(store, problems, "restore"))
+            + "; ".join(quarantine_corrupt(store, problems, found_by) if found_by else [p.text for p in problems])
         )
     return Verified(
         blobs=len(todo),
