@@ -32,6 +32,7 @@ from ansible_collections.gpulab.lab.plugins.module_utils.backup import overlay
 from ansible_collections.gpulab.lab.plugins.module_utils.backup.blobs import BlobWriter, ChunkedLayerWriter
 from ansible_collections.gpulab.lab.plugins.module_utils.backup.common import (
     CHUNK,
+    DOCKER_MAX_LAYERS,
     BackupError,
     Progress,
     now_utc,
@@ -275,7 +276,8 @@ def _previous_chain(c, store, stored, cache, *, upper, full_read_days):
     """The writable layer's layers (entries, as the store has them) and recorded state of the previous backup, to
     build this one on; (None, None) when a full read is due: no previous fast-path backup of this container with
     this image and upper directory, a stat cache that does not end with it, a layer of it the store lacks (its
-    presence check), MAX_DELTAS layers of changes already, or the last full read full_read_days old."""
+    presence check), MAX_DELTAS layers of changes already (or one more would reach Docker's layer limit), or the
+    last full read full_read_days old."""
     with contextlib.suppress(BackupError):
         manifests = store.backups_of(c.name)
         meta = cache.meta or {}
@@ -292,6 +294,7 @@ def _previous_chain(c, store, stored, cache, *, upper, full_read_days):
             and chain == meta.get("chain")
             and meta.get("upper") == upper
             and len(chain) <= MAX_DELTAS
+            and base + len(chain) + 1 < DOCKER_MAX_LAYERS
             and fresh
             and all(d in stored for d in chain)
         ):
