@@ -37,7 +37,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_deepo_load import MODULES, RUN_MODULE
+from bench_backup import disk_usage as du
+from bench_backup import module, timed
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
@@ -57,32 +58,6 @@ def sh(*argv, **kw):
 
 def load():
     return sh("uptime").strip()
-
-
-def timed(argv, env=None):
-    os.sync()  # what an earlier step left to write back does not slow this one down
-    started = time.monotonic()
-    proc = subprocess.run([str(a) for a in argv], capture_output=True, text=True, check=False, env=env)
-    seconds = time.monotonic() - started
-    if proc.returncode != 0:
-        raise SystemExit(f"{' '.join(map(str, argv))} failed: {proc.stdout[-3000:]} {proc.stderr[-3000:]}")
-    return seconds, proc.stdout
-
-
-def du(path):
-    path = Path(path)
-    return sum(p.lstat().st_blocks * 512 for p in path.rglob("*") if p.is_file() and not p.is_symlink())
-
-
-def module(name, args, workdir):
-    """Run the collection's module <name> as Ansible would; returns (wall seconds, result)."""
-    args_file = workdir / f"{name}-args.json"
-    args_file.write_text(json.dumps({"ANSIBLE_MODULE_ARGS": args}))
-    seconds, out = timed([sys.executable, "-c", RUN_MODULE, ROOT, MODULES / f"{name}.py", args_file])
-    result = json.loads(out[out.index("{") :])
-    if result.get("failed"):
-        raise SystemExit(f"{name} failed: {result.get('msg')}")
-    return seconds, result
 
 
 def random_file(path, size):
@@ -132,8 +107,8 @@ def fill_layer(scale):
     )
 
 
-def restic(repo, env, *paths):
-    seconds, _out = timed(["restic", "-r", repo, "backup", "--quiet", *paths], env=env)
+def restic(repo, *paths):
+    seconds, _out = timed(["restic", "-r", str(repo), "backup", "--quiet", *map(str, paths)])
     return seconds
 
 
@@ -155,7 +130,7 @@ def main():
         shutil.rmtree(top)
     top.mkdir(parents=True)
     work, store, repo = top / "work", top / "store", top / "restic"
-    env = {**os.environ, "RESTIC_PASSWORD": PASSWORD, "RESTIC_CACHE_DIR": str(top / "restic-cache")}
+    os.environ.update(RESTIC_PASSWORD=PASSWORD, RESTIC_CACHE_DIR=str(top / "restic-cache"))  # restic's, below
     misses, rows = [], []
 
     def row(what, value, target=None, ok=None):
@@ -198,6 +173,7 @@ def main():
             first <= plain,
         )
         row("  ratio to the plain way; pause", f"{first / plain:.2f} x; {result['paused_seconds']:.2f} s")
+        row("  its phases", json.dumps(result.get("timings")))
         print(f"  load: {load()}", flush=True)
         full, result = module("container_backup", base, top)
         row(
@@ -205,8 +181,8 @@ def main():
             f"{full:.1f} s, {result['bytes_written'] / MB:.0f} MB",
         )
 
-        timed(["restic", "-r", repo, "init"], env=env)
-        restic_first = restic(repo, env, upper, work)
+        timed(["restic", "-r", str(repo), "init"])
+        restic_first = restic(repo, upper, work)
         row("restic first snapshot (upper dir + work dir)", f"{restic_first:.1f} s, {du(repo) / MB:.0f} MB")
         print(f"  load: {load()}", flush=True)
 
@@ -222,17 +198,19 @@ def main():
         seconds, result = module("container_backup", base, top)
         written = result["bytes_written"]
         repo_before = du(repo)
-        restic_second = restic(repo, env, upper, work)
+        restic_second = restic(repo, upper, work)
         restic_written = du(repo) - repo_before
         row(
             "restic second snapshot (1 MB changed in each tree)", f"{restic_second:.2f} s, {restic_written / MB:.2f} MB"
         )
         row(
-            "gpulab second backup (1 MB changed in each tree)",
+            "gpulab second backup (1 MB changed in each tree; container_backup as Ansible runs it)",
             f"{seconds:.2f} s",
             "<= restic",
             seconds <= restic_second,
         )
+        row("  of which the backup job itself (no interpreter, Ansible or listing)", f"{result['seconds']:.2f} s")
+        row("  its phases", json.dumps(result.get("timings")))
         row(
             "  bytes read (files read) / store grew by (du)",
             f"{result['bytes_read'] / MB:.2f} MB / {(du(store) - store_before) / MB:.2f} MB",
@@ -247,11 +225,12 @@ def main():
         print(f"  load: {load()}", flush=True)
 
         # the restore of the work directory against tar -x
+        shutil.rmtree(repo)  # room for the restore's copies
         manifest = json.loads(Path(result["manifest"]).read_text())
         entry = next(m for m in manifest["mounts"] if m["destination"] == "/workspace")
         subprocess.run(["tar", "-cf", top / "work.tar", "-C", work, "."], check=True)
         (top / "by-tar").mkdir()
-        tar_seconds, _ = timed(["tar", "-xf", top / "work.tar", "-C", top / "by-tar"])
+        tar_seconds, _ = timed(["tar", "-xf", str(top / "work.tar"), "-C", str(top / "by-tar")])
         (top / "work.tar").unlink()
         shutil.rmtree(top / "by-tar")
         target = top / "by-gpulab"
