@@ -535,7 +535,14 @@ def test_check_mode_predicts_changes_and_makes_none(server, users, notebook_play
     before = snapshot(server, sheet)
     run = notebook_play({"notebook_users": changed_users(users)}, "--check", "--diff")
     assert run.rc == 0, run.text[-3000:]
-    assert run.changed >= 3  # student1's container; student2's config and restart
+    assert run.changed == 1  # one module run for both students
+    assert (
+        "student1: would be recreated (settings changed: memory 2g -> 3g); its running kernels would stop; its"
+        " environment would be carried over" in run
+    ), run.text[-3000:]
+    assert "memory: 3g" in run  # --diff: the settings after
+    assert "student2: would write /etc/gpulab/notebook/student2/gpulab_jupyter_config.json changed" in run
+    assert "student2: would be restarted so that Jupyter reads its new config" in run
     assert snapshot(server, sheet) == before
 
 
