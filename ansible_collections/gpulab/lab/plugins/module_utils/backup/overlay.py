@@ -222,10 +222,9 @@ def attributes(attrs):
 
 def same_as_scanned(attrs, st):
     """True when an lstat says what a scan's attributes say."""
-    kind, mode, uid, gid, size, mtime, ctime, ino, links = attributes(attrs)
-    return (TYPE_CHARS.get(stat.S_IFMT(st.st_mode)), stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, st.st_size,
-            st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_nlink) == (kind, mode, uid, gid, size, mtime, ctime, ino,
-                                                                         links)  # fmt: skip
+    kind = TYPE_CHARS.get(stat.S_IFMT(st.st_mode))
+    owner = (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, st.st_size)
+    return attributes(attrs) == (kind, *owner, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_nlink)
 
 
 class _Tar:
