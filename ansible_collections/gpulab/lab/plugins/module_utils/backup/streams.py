@@ -12,6 +12,7 @@ plus the zstd and tar programs.
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import subprocess
 import tarfile
@@ -102,6 +103,30 @@ class BlobReader:
 
     def chunks(self):
         return iter(self.read, b"")
+
+    def copy_to(self, fd, size):
+        """The next size bytes of the stream written to the file descriptor fd: spliced from zstd's pipe into the
+        file where the system can (no copy through Python), else read and written. Returns the bytes copied (fewer
+        only when the stream ends)."""
+        splice = getattr(os, "splice", None)
+        left = size
+        while left:
+            if splice is not None:
+                n = splice(self.proc.stdout.fileno(), fd, left)
+            else:
+                data = self.proc.stdout.read(min(left, CHUNK))
+                n = len(data)
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+            if n:
+                left -= n
+                continue
+            if self.next >= len(self.paths):
+                break
+            self._end()
+            self._start()
+        return size - left
 
     def close(self, check=True):
         self._end(check)
