@@ -31,7 +31,7 @@ from ansible_collections.gpulab.lab.plugins.filter.notebook_server import (
     filesystem_of,
     gpu_requests,
     is_loopback,
-    keep_restored_images,
+    note_restored,
     publish_address,
     valid_port,
 )
@@ -128,7 +128,7 @@ def notebook_plan(users, settings):
             planned.append((position, where, user))
     errors.extend(_check_together(planned))
     errors.extend(check_containers(planned, settings))
-    keep_restored_images(planned, settings)
+    note_restored(planned, settings)
     order = {"absent": 0, "stopped": 1, "started": 2}
     result = [user for _position, _where, user in sorted(planned, key=lambda p: (order[p[2]["state"]], p[0]))]
     return {"users": result, "errors": errors}

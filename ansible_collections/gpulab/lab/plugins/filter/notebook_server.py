@@ -68,7 +68,7 @@ def as_int(value):
     return None
 
 
-def keep_restored_images(planned, settings):
+def note_restored(planned, settings):
     """A notebook restored from a backup (playbooks/restore.yml) runs the backup's image, which holds what the student
     installed in the container: the plan notes it (restored_from) and keeps the restore label. Module
     notebook_containers keeps the container's image whatever it is (it carries the environment over when it must
