@@ -17,6 +17,7 @@ import secrets
 import shlex
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -28,7 +29,7 @@ CLIENT = PROJECT_DIR / "molecule" / "shared" / "tests" / "jupyter_client.py"
 CLIENT_ON_SERVER = "/opt/gpulab-test/jupyter_client.py"
 NAS_FOLDER = "/home/gpulab/gpulab"  # nas:gpulab, as the SFTP server stores it
 RCLONE = "rclone --config /etc/gpulab/rclone.conf"
-EPHEMERAL = Path(os.environ["MOLECULE_EPHEMERAL_DIRECTORY"])
+FIGURES = PROJECT_DIR / ".cache" / "backup-remote" / "figures.json"
 MARK = secrets.token_hex(6)
 USERS = {
     "student1": {"port": 7777, "workdir": "/srv/notebooks/student1"},
@@ -36,8 +37,15 @@ USERS = {
 }
 
 
-def play(hostname, playbook, extra_vars=None):
-    return run_playbook(hostname, playbook, extra_vars, timeout=1800)
+SECONDS = {}  # each step's wall time, written with the upload figures to .cache/backup-remote/figures.json
+
+
+def play(hostname, playbook, extra_vars=None, step=None):
+    start = time.monotonic()
+    run = run_playbook(hostname, playbook, extra_vars, timeout=1800)
+    if step:
+        SECONDS[step] = round(time.monotonic() - start, 1)
+    return run
 
 
 def sftp_name(host):
@@ -100,10 +108,10 @@ def cycle(host):
         assert jupyter(host, name, **auth[name], put=[f"notes-{MARK}.txt", f"{name} {MARK}"])["put"] == 201
 
     out = {"auth": auth}
-    out["first"] = play(hostname, "gpulab.lab.backup")
+    out["first"] = play(hostname, "gpulab.lab.backup", step="first backup.yml")
     out["nas_first"] = nas_bytes(host)
     host.check_output(f"docker exec -u 0 notebook-student1 sh -c 'echo {MARK} > /opt/after-first-backup.txt'")
-    out["second"] = play(hostname, "gpulab.lab.backup")
+    out["second"] = play(hostname, "gpulab.lab.backup", step="second backup.yml")
     out["nas_second"] = nas_bytes(host)
 
     # The reinstall. The control node has no copy: backup_fetch_dir was never set.
@@ -115,14 +123,16 @@ def cycle(host):
         "/var/cache/gpulab"
     )
     out["wiped"] = [p for p in ("/srv/notebooks", "/var/backups/gpulab", "/etc/gpulab") if host.file(p).exists]
-    out["restore"] = play(hostname, "gpulab.lab.restore")
+    out["restore"] = play(hostname, "gpulab.lab.restore", step="restore.yml from the remote")
     out["after_restore"] = {n: container(host, n) for n in USERS} if out["restore"].rc == 0 else {}
 
     # The timer's run: backup, then the upload and retention (its second ExecStart).
     out["timer"] = host.run("systemctl start gpulab-backup.service")
     out["timer_journal"] = host.check_output("journalctl -u gpulab-backup.service --no-pager -o cat")
     out["remote_manifests"] = host.check_output(f"{RCLONE} lsf -R --files-only gpulab-crypt:servers").split()
+    start = time.monotonic()
     out["scrub"] = host.run("systemctl start gpulab-backup-remote-verify.service")
+    SECONDS["remote scrub"] = round(time.monotonic() - start, 1)
 
     # A blob of student2's newest backup (the timer's) damaged on the NAS, its encrypted name asked of rclone.
     out["damaged"] = newest_manifest(host, "student2")["mounts"][0]["blobs"][0]["digest"]
@@ -146,8 +156,11 @@ def cycle(host):
         "first_upload": uploaded(out["first"]) if out["first"].rc == 0 else None,
         "second_upload": uploaded(out["second"]) if out["second"].rc == 0 else None,
         "nas_bytes": [out["nas_first"], out["nas_second"]],
+        "seconds": SECONDS,
+        "load": os.getloadavg(),
     }
-    (EPHEMERAL / "remote-figures.json").write_text(json.dumps(figures))
+    FIGURES.parent.mkdir(parents=True, exist_ok=True)
+    FIGURES.write_text(json.dumps(figures, indent=1) + "\n")
     return out
 
 
