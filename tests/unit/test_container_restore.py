@@ -426,3 +426,28 @@ def test_a_damaged_work_directory_archive_changes_no_file(notebook):
     (notebook["work"] / "new.txt").write_text("kept where it is\n")
     msg = refused_without_change(notebook, f"blob {digest} is corrupt", backup=notebook["backup"]["backup_id"])
     assert f"No other backup of {notebook['name']} " in msg
+
+
+def test_a_check_mode_verification_finds_a_corrupt_blob_and_moves_nothing(notebook):
+    """verify_only in check mode reads every blob like a real verification, names the corrupt one, and leaves it in
+    the store (a real run moves it to quarantine/)."""
+    store = backup_store.Store(str(notebook["store"]))
+    manifest = store.read_manifest(notebook["name"], notebook["backup"]["backup_id"])
+    blob = max((b for b, _what in backup_store.manifest_blobs(manifest)), key=lambda b: b["size"])
+    path = Path(store.blob_path(blob["digest"]))
+    os.chmod(path, 0o600)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01  # one byte flipped, the size kept
+    path.write_bytes(bytes(data))
+    with pytest.raises(ModuleFail, match=r"corrupt|cannot be read|decompress"):
+        run_module(
+            container_restore,
+            {"container": notebook["name"], "store": str(notebook["store"]), "verify_only": True},
+            check_mode=True,
+        )
+    assert path.read_bytes() == bytes(data)
+    assert not list((Path(notebook["store"]) / "quarantine").rglob("*"))
+    with pytest.raises(ModuleFail, match=r"corrupt|cannot be read|decompress"):
+        restore(notebook, verify_only=True)
+    assert not path.exists()
+    assert list((Path(notebook["store"]) / "quarantine" / "sha256").glob(blob["digest"].split(":")[1] + "*"))

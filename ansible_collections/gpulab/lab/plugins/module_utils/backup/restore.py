@@ -387,6 +387,7 @@ class RestoreJob:
                     layer_content=full,
                     mount_content=self.verify != "stored" and (self.restore_workdir or self.verify_only),
                     progress=self.progress,
+                    found_by=None if check_mode else "restore",  # check mode finds, and moves nothing
                 )
                 # Each archive's listing too, before Docker or a file changes: what the work directory will hold.
                 mounts, kept = self._mounts(manifest)
