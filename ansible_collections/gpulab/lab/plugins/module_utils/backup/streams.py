@@ -2,8 +2,8 @@
 # SPDX-License-Identifier: MIT
 
 """Byte streams through the zstd and tar programs, and a tar reader and writer of our own: zstd's levels, the
-decompressed content of stored blobs (BlobReader), a tar stream read member by member (TarReader), tar headers and
-members written by hand, and `tar --create` of a path as a stream (TarOf).
+decompressed content of stored blobs (BlobReader, or unpack_to straight into a file), a tar stream read member by
+member (TarReader), tar headers and members written by hand, and `tar --create` of a path as a stream (TarOf).
 
 Knows nothing of the store's layout, of manifests or of Docker: callers give paths and streams. Standard library only,
 plus the zstd and tar programs.
@@ -101,6 +101,21 @@ class BlobReader:
             self._end()
             self._start()
 
+    def readinto(self, view):
+        """Fill view (a writable memoryview) from the stream; returns the bytes put there (fewer only when the
+        stream ends)."""
+        have = 0
+        while have < len(view):
+            n = self.proc.stdout.readinto(view[have:])
+            if n:
+                have += n
+                continue
+            if self.next >= len(self.paths):
+                break
+            self._end()
+            self._start()
+        return have
+
     def chunks(self):
         return iter(self.read, b"")
 
@@ -130,6 +145,22 @@ class BlobReader:
 
     def close(self, check=True):
         self._end(check)
+
+
+def unpack_to(fd, paths):
+    """The uncompressed content of zstd files (blobs), concatenated, written to the file descriptor fd by zstd itself
+    (fd is its standard output: no pipe, no copy through Python), from fd's offset on; one zstd for each
+    BlobReader.BATCH_PATHS files. Raises BackupError with zstd's message when it fails."""
+    paths = list(paths)
+    for first in range(0, len(paths), BlobReader.BATCH_PATHS):
+        batch = paths[first : first + BlobReader.BATCH_PATHS]
+        with tempfile.TemporaryFile() as err:
+            rc = subprocess.run([zstd_program(), "-dcq", "--", *batch], stdout=fd, stderr=err, check=False).returncode
+            if rc:
+                err.seek(0)
+                message = err.read().decode(errors="replace").strip()[-2000:]
+                what = batch[0] if len(batch) == 1 else f"{len(batch)} blobs from {batch[0]}"
+                raise BackupError(f"zstd could not decompress {what}: {message or f'exit status {rc}'}")
 
 
 def padding(size):

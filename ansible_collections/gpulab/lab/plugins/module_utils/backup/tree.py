@@ -29,18 +29,20 @@ Reads the server's files, writes chunks and the listing as blobs; never a manife
 from __future__ import annotations
 
 import bisect
+import collections
 import contextlib
 import errno
 import json
 import os
 import stat
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
 from ansible_collections.gpulab.lab.plugins.module_utils.backup.blobs import ChunkedLayerWriter
 from ansible_collections.gpulab.lab.plugins.module_utils.backup.common import BackupError, check_name, sha256_of
 from ansible_collections.gpulab.lab.plugins.module_utils.backup.overlay import _xattrs, scan
-from ansible_collections.gpulab.lab.plugins.module_utils.backup.streams import BlobReader
+from ansible_collections.gpulab.lab.plugins.module_utils.backup.streams import BlobReader, unpack_to
 from ansible_collections.gpulab.lab.plugins.module_utils.files import fsync_dir
 
 TREE_FORMAT = "tree"
@@ -50,6 +52,7 @@ TREE_FORMAT = "tree"
 CONTENT_SIZES = {"min_size": 4 * 1024 * 1024, "max_size": 16 * 1024 * 1024, "piece": 8 * 1024 * 1024}
 LISTING_SIZES = {"min_size": 32 * 1024, "max_size": 128 * 1024, "piece": 64 * 1024 * 1024}
 READ_SIZE = 1024 * 1024
+RESTORE_JOBS = 2  # large files a restore unpacks at once (each by its own zstd) while it writes the others
 TRIES = 3  # reads of a file that changes while it is read, before it is read while the container is paused
 SETTLE_NS = 50_000_000  # a file changed less than this before its read may be modified again within the same tick
 FUTURE_NS = 60_000_000_000  # an mtime further ahead of the clock than this cannot be trusted
@@ -476,43 +479,72 @@ def tree_kinds(store, entry):
 
 
 class _Content:
-    """The chunks of a listing's files read once, in the order the files need them (one zstd stream); a chunk several
-    files share is kept until its last range is taken."""
+    """The content of a listing's files. A large file whose chunks are its own (each whole and used once: its
+    pieces) is unpacked by a zstd of its own that writes the file directly (no pipe, no copy through Python), in the
+    background (RESTORE_JOBS at once) while the other files are written; the other files' chunks are read once, in the
+    order the files need them (one zstd stream), a chunk several files share kept until its last range is taken."""
 
-    def __init__(self, store, records):
-        order, uses = {}, {}
+    def __init__(self, store, records, sizes):
+        self.store = store
+        self.sizes = sizes
+        uses = {}
         for rec in records:
             for ref in rec.get("r") or []:
-                order.setdefault(ref[0], None)
                 uses[ref[0]] = uses.get(ref[0], 0) + 1
-        self.order = list(order)
         self.uses = uses
-        self.sizes = {}
+        self.direct = set()
+        order = {}
+        for rec in records:
+            refs = rec.get("r") or []
+            if refs and rec.get("s", 0) >= CONTENT_SIZES["piece"] and all(self._own(ref) for ref in refs):
+                self.direct.add(rec["p"])
+                continue
+            for ref in refs:
+                order.setdefault(ref[0], None)
+        self.order = list(order)
         self.reader = BlobReader(store.blob_path("sha256:" + d) for d in self.order) if self.order else None
         self.next = 0
         self.held = {}
+        self.pool = ThreadPoolExecutor(RESTORE_JOBS) if self.direct else None
+        self.jobs = collections.deque()  # (future, fd, path, record) of the files being unpacked, oldest first
 
-    def set_sizes(self, sizes):
-        self.sizes = sizes
+    def _own(self, ref):
+        digest, offset, length = ref
+        return offset == 0 and self.sizes.get(digest) == length and self.uses[digest] == 1
 
     def _load(self, digest):
         while digest not in self.held:
             name = self.order[self.next]
             self.next += 1
-            size = self.sizes[name]
-            buf = bytearray()
-            while len(buf) < size:
-                data = self.reader.read(min(READ_SIZE * 4, size - len(buf)))
-                if not data:
-                    raise BackupError(f"chunk sha256:{name} ends early")
-                buf += data
+            buf = bytearray(self.sizes[name])
+            if self.reader.readinto(memoryview(buf)) != len(buf):
+                raise BackupError(f"chunk sha256:{name} ends early")
             self.held[name] = buf
         return self.held[digest]
 
-    def write(self, fd, ref):
+    def write(self, fd, path, rec):
+        """Write a file's content to fd, opened for it, and its metadata; fd is closed here, now or, for a file
+        unpacked in the background, once it is written (wait())."""
+        if rec["p"] in self.direct:
+            try:
+                while len(self.jobs) >= 2 * RESTORE_JOBS:  # a bounded number of open files
+                    self._finish_one()
+                paths = [self.store.blob_path("sha256:" + ref[0]) for ref in rec["r"]]
+                self.jobs.append((self.pool.submit(unpack_to, fd, paths), fd, path, rec))
+            except BaseException:
+                os.close(fd)
+                raise
+            return
+        try:
+            for ref in rec.get("r") or []:
+                self._write_range(fd, ref)
+            _meta(path, rec, fd)
+        finally:
+            os.close(fd)
+
+    def _write_range(self, fd, ref):
         digest, offset, length = ref
-        whole = offset == 0 and length == self.sizes[digest] and self.uses[digest] == 1
-        if whole and digest not in self.held and self.order[self.next] == digest:  # a piece of one file: straight in
+        if self._own(ref) and digest not in self.held and self.order[self.next] == digest:  # one file's: straight in
             self.next += 1
             self.uses[digest] = 0
             if self.reader.copy_to(fd, length) != length:
@@ -526,7 +558,30 @@ class _Content:
         if not self.uses[digest]:
             del self.held[digest]
 
+    def _finish_one(self):
+        future, fd, path, rec = self.jobs.popleft()
+        try:
+            future.result()
+            size, expected = os.fstat(fd).st_size, sum(ref[2] for ref in rec["r"])
+            if size != expected:
+                raise BackupError(f"the chunks of {path} hold {size} bytes, not {expected}")
+            _meta(path, rec, fd)
+        finally:
+            os.close(fd)
+
+    def wait(self):
+        """Every file unpacked in the background written, with its metadata."""
+        while self.jobs:
+            self._finish_one()
+
     def close(self, check=True):
+        if self.pool:
+            for future, _fd, _path, _rec in self.jobs:
+                future.cancel()  # not started yet: never will
+            self.pool.shutdown(wait=True)
+            for _future, fd, _path, _rec in self.jobs:
+                os.close(fd)
+            self.jobs.clear()
         if self.reader:
             self.reader.close(check=check)
 
@@ -563,29 +618,28 @@ def restore_tree(store, entry):
     xattrs and mtimes as recorded (folders' last, deepest first). What the backup lacks was moved aside before."""
     source = os.path.normpath(entry["source"])
     records = read_listing(store, entry)
-    content = _Content(store, records)
-    content.set_sizes({b["digest"][len("sha256:") :]: b["size"] for b in entry["blobs"]})
+    content = _Content(store, records, {b["digest"][len("sha256:") :]: b["size"] for b in entry["blobs"]})
     folders = []
+    made = set()  # folders made here: empty, nothing in them to replace
     ok = False
     try:
         for rec in records:
             path = os.path.join(source, rec["p"]) if rec["p"] else source
             kind = rec["t"]
+            fresh = os.path.dirname(path) in made
             if kind == "d":
-                if not os.path.isdir(path) or os.path.islink(path):
-                    _remove(path)
+                if fresh or not os.path.isdir(path) or os.path.islink(path):
+                    if not fresh:
+                        _remove(path)
                     os.mkdir(path, 0o700)
+                    made.add(path)
                 folders.append((path, rec))
                 continue
-            _remove(path)
+            if not fresh:
+                _remove(path)
             if kind == "f":
                 fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-                try:
-                    for ref in rec.get("r") or []:
-                        content.write(fd, ref)
-                    _meta(path, rec, fd)
-                finally:
-                    os.close(fd)
+                content.write(fd, path, rec)
             elif kind == "h":
                 os.link(os.path.join(source, rec["l"]), path)
             elif kind == "l":
@@ -595,6 +649,7 @@ def restore_tree(store, entry):
                 kind_bits = {"p": stat.S_IFIFO, "c": stat.S_IFCHR, "b": stat.S_IFBLK}[kind]
                 os.mknod(path, kind_bits | rec["m"], rec.get("dev", 0))
                 _meta(path, rec)
+        content.wait()
         for path, rec in reversed(folders):
             _meta(path, rec)
         ok = True
