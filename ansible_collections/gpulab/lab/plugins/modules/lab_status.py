@@ -167,12 +167,14 @@ from urllib.parse import quote
 from ansible.module_utils.basic import AnsibleModule
 
 from ansible_collections.gpulab.lab.plugins.module_utils.docker_api import DockerApiError, Engine
+from ansible_collections.gpulab.lab.plugins.module_utils.notebook.desired import (
+    LABEL_IMAGE,
+    LABEL_RESTORED,
+    LABEL_ROLE,
+    LABEL_USER,
+)
 
 # Role notebook's labels and file names (plugins/filter/notebook_plan.py, notebook_jupyter.py).
-LABEL_ROLE = "io.gpulab.notebook"
-LABEL_USER = "io.gpulab.notebook.user"
-LABEL_IMAGE = "io.gpulab.notebook.image"
-LABEL_RESTORED = "io.gpulab.backup.restored-from"
 CONTAINER_PORT = "8888/tcp"
 JUPYTER_CONFIG_FILE = "gpulab_jupyter_config.json"
 # Where each Jupyter flavour's config keeps the token (notebook6, jupyter_server1, jupyter_server2).

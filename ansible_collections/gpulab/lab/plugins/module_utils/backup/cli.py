@@ -35,6 +35,7 @@ from ansible_collections.gpulab.lab.plugins.module_utils import docker_api as ap
 from ansible_collections.gpulab.lab.plugins.module_utils.backup import options, scrub, sources
 from ansible_collections.gpulab.lab.plugins.module_utils.backup.backup import BackupJob
 from ansible_collections.gpulab.lab.plugins.module_utils.backup.common import (
+    NOTEBOOK_USER_LABEL,
     BackupError,
     Stopped,
     check_name,
@@ -46,7 +47,6 @@ from ansible_collections.gpulab.lab.plugins.module_utils.backup.store import Sto
 PROG = "python3 -m ansible_collections.gpulab.lab.plugins.module_utils.backup.cli"
 # thaw reads the backup's flags and settings file (it needs the store and the engine of the timer's backup).
 COMMANDS = {"backup": options.BACKUP, "thaw": options.BACKUP, "restore": options.RESTORE}
-NOTEBOOK_LABEL = "io.gpulab.notebook.user"  # role notebook's label of a student's notebook container
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
@@ -98,7 +98,7 @@ def run_scrub(args):
 
 def notebooks(engine):
     """The names of the notebook containers role notebook made (running or not), as the engine has them now."""
-    path = api.query("/containers/json", all="1", filters=json.dumps({"label": [NOTEBOOK_LABEL]}))
+    path = api.query("/containers/json", all="1", filters=json.dumps({"label": [NOTEBOOK_USER_LABEL]}))
     return sorted(c["Names"][0].lstrip("/") for c in engine.json("GET", path) or [] if c.get("Names"))
 
 
@@ -161,7 +161,7 @@ def parser():
             p.add_argument(
                 "--notebooks",
                 action="store_true",
-                help=f"also back up every notebook container (label {NOTEBOOK_LABEL}), as the engine has them now",
+                help=f"also back up every notebook container (label {NOTEBOOK_USER_LABEL}), as the engine has them now",
             )
     listing = sub.add_parser("list", help="list the backups in the store")
     listing.add_argument("--store", required=True)
@@ -197,7 +197,7 @@ def backup_all(args, params):
         names += [n for n in notebooks(engine) if n not in names]
     if not names:
         if args.notebooks:
-            err(f"no notebook container (label {NOTEBOOK_LABEL}) on the engine: nothing to back up")
+            err(f"no notebook container (label {NOTEBOOK_USER_LABEL}) on the engine: nothing to back up")
             return 0
         raise BackupError("no container to back up: give --container NAME (several times) or --notebooks")
     failed = []

@@ -28,6 +28,9 @@ DEFAULT_FLATTEN_THRESHOLD = 100
 DOCKER_MAX_LAYERS = 125
 TAG_REPO = "gpulab-backup"
 RESTORED_LABEL = "io.gpulab.backup.restored-from"
+# Role notebook's label of a student's notebook container (its value: the student). Defined here because the timer runs
+# this package on its own on the server; module_utils/notebook/ and lab_status take it from here.
+NOTEBOOK_USER_LABEL = "io.gpulab.notebook.user"
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,254}$")
 DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
 VERIFY_MODES = ("content", "full", "stored")

@@ -37,6 +37,7 @@ from ansible_collections.gpulab.lab.plugins.module_utils import docker_api as ap
 from ansible_collections.gpulab.lab.plugins.module_utils.backup import options
 from ansible_collections.gpulab.lab.plugins.module_utils.backup.common import (
     CHUNK,
+    NOTEBOOK_USER_LABEL,
     RESTORED_LABEL,
     BackupError,
     Progress,
@@ -58,7 +59,6 @@ from ansible_collections.gpulab.lab.plugins.module_utils.backup.verify import ve
 
 # Role notebook's labels on a student's container (plugins/filter/notebook_server.py): whose notebook it is, and the
 # image the lab configured for it.
-NOTEBOOK_USER_LABEL = "io.gpulab.notebook.user"
 NOTEBOOK_IMAGE_LABEL = "io.gpulab.notebook.image"
 # What the start of a notebook nobody has used leaves where its student writes. In the container's writable layer:
 # Jupyter's runtime folder (role notebook keeps it in the container, files/gpulab_jupyter_config.py), and the mount

@@ -17,9 +17,11 @@ import json
 import re
 from dataclasses import dataclass
 
+from ansible_collections.gpulab.lab.plugins.module_utils.backup.common import NOTEBOOK_USER_LABEL, RESTORED_LABEL
+
 # How gpulab knows its notebook containers and whose each is (the role's filters use the same names).
 LABEL_ROLE = "io.gpulab.notebook"
-LABEL_USER = "io.gpulab.notebook.user"
+LABEL_USER = NOTEBOOK_USER_LABEL
 LABEL_LIMITS = "io.gpulab.notebook.limits"
 # The lab image the notebook was configured with (its name), and the ID of the lab image the student's environment
 # was made from: the container itself may run on a carry-over image of gpulab-carry/ (that image plus the student's
@@ -30,7 +32,7 @@ LABEL_BASE = "io.gpulab.notebook.base-image-id"
 LABEL_SETTINGS = "io.gpulab.notebook.settings"
 LABEL_SUMMARY = "io.gpulab.notebook.summary"
 # The label container_restore puts on a container it rebuilt from a backup.
-LABEL_RESTORED = "io.gpulab.backup.restored-from"
+LABEL_RESTORED = RESTORED_LABEL
 # Labels that say where the environment comes from, not how it runs: left out of the hash.
 NOT_HASHED = (LABEL_IMAGE, LABEL_BASE, LABEL_SETTINGS, LABEL_SUMMARY, LABEL_RESTORED)
 CONTAINER_PORT = "8888/tcp"
